@@ -1,0 +1,14 @@
+"""cellatlas: zero-shot cell-type annotation of single-cell RNA-seq data.
+
+>>> import cellatlas
+>>> res = cellatlas.annotate(X, genes)            # in-process, built-in human-core atlas
+>>> res.to_dataframe()
+>>> cellatlas.annotate_adata(adata)              # writes obs["cell_type"], ...
+"""
+
+from cellatlas.annotate import annotate, annotate_adata, embed
+from cellatlas.atlas import Atlas, list_atlases, load_atlas
+from cellatlas.errors import CellAtlasError
+from cellatlas.result import AnnotationResult
+
+__all__ = ["Atlas", "AnnotationResult", "CellAtlasError", "annotate", "annotate_adata", "embed", "list_atlases", "load_atlas"]

@@ -1,0 +1,51 @@
+"""One settings object, read from ``CELLATLAS_*`` environment variables."""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    """Runtime configuration. Every field can be set as ``CELLATLAS_<FIELD>``."""
+
+    model_config = SettingsConfigDict(env_prefix="CELLATLAS_", extra="ignore")
+
+    home: Path = Path.home() / ".cellatlas"
+    """Where caches, downloaded atlases and the default SQLite database live."""
+    atlas_dir: Path | None = None
+    """Extra directory searched for ``*.atlas.npz`` files (default: ``home/atlases``)."""
+    models_dir: Path | None = None
+    """Directory holding foundation-model checkpoints (default: ``home/models``)."""
+    database_url: str | None = None
+    """SQLAlchemy URL of the key/credit ledger (default: SQLite file in ``home``)."""
+    chunk_size: int = 8192
+    """Cells processed at once; the only place densification is bounded."""
+    max_cells_per_request: int = 100_000
+    max_body_bytes: int = 2 * 1024**3
+    require_api_key: bool = True
+    free_credits: int = 500
+    cells_per_credit: int = 1000
+    """Pricing: one credit per started block of this many cells."""
+    fallback_model: str | None = None
+    """If set (e.g. ``default``), a request for an unavailable model runs on this one, marked in provenance."""
+
+    @property
+    def resolved_atlas_dir(self) -> Path:
+        return self.atlas_dir or self.home / "atlases"
+
+    @property
+    def resolved_models_dir(self) -> Path:
+        return self.models_dir or self.home / "models"
+
+    @property
+    def resolved_database_url(self) -> str:
+        return self.database_url or f"sqlite:///{self.home / 'cellatlas.db'}"
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    """The process-wide settings (cached; call ``get_settings.cache_clear()`` in tests)."""
+    return Settings()

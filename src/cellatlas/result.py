@@ -1,0 +1,280 @@
+"""The annotation result: per-cell arrays plus provenance and the gene report.
+
+One type, three views: :meth:`AnnotationResult.to_dataframe`,
+:meth:`AnnotationResult.write_adata` (obs/obsm/uns columns) and
+:meth:`AnnotationResult.to_calls` (the wire JSON of the HTTP API).
+:meth:`AnnotationResult.from_calls` rebuilds the object from the wire JSON so
+the HTTP client returns the same type as in-process annotation.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+CONFIDENT = 0.7
+REVIEW = 0.4
+N_ALTERNATES = 3
+
+
+def band_of(confidence: np.ndarray) -> np.ndarray:
+    """Map confidence to ``confident`` (>= 0.7), ``review`` (0.4-0.7) or ``low`` (< 0.4)."""
+    c = np.asarray(confidence, dtype=float)
+    return np.where(c >= CONFIDENT, "confident", np.where(c >= REVIEW, "review", "low")).astype(object)
+
+
+@dataclass
+class AnnotationResult:
+    """Per-cell calls, in input order.
+
+    Attributes
+    ----------
+    cell_ids
+        Cell identifiers (``obs_names`` or ``0..n-1`` as strings).
+    label
+        Final call per cell (may be a coarser parent label, see ``level``).
+    ontology_id
+        Cell Ontology id of ``label`` (``""`` where unknown).
+    confidence
+        Calibrated probability that ``label`` is right, in [0, 1].
+    band
+        ``confident`` / ``review`` / ``low``.
+    level
+        ``fine`` or ``coarse`` (rolled up to the parent because only that level agreed).
+    alternates
+        Up to three runner-up ``(label, score)`` pairs per cell.
+    markers
+        The label's marker genes this cell expresses, strongest first.
+    knn_label, knn_prob
+        Top label of the neighbour vote and its vote share.
+    marker_label, marker_score
+        Top label of the marker-signature score and its softmaxed score.
+    agreement
+        Whether both signals point to the same label (or lineage).
+    distance
+        Mean distance to the nearest reference neighbours, in units of the
+        atlas's own neighbour-distance distribution (a robust z-score).
+    novel
+        Cell unlike anything in the atlas (flagged, label still reported).
+    embedding, layout
+        Query embedding ``[n, d]`` and 2-D coordinates on the atlas layout ``[n, 2]``.
+    gene_report
+        Dict describing id detection, mapping and coverage.
+    provenance
+        Dict: code version, model, atlas name/version/hash, timings.
+    """
+
+    cell_ids: np.ndarray
+    label: np.ndarray
+    ontology_id: np.ndarray
+    confidence: np.ndarray
+    level: np.ndarray
+    alternates: list[list[tuple[str, float]]]
+    markers: list[list[str]]
+    knn_label: np.ndarray
+    knn_prob: np.ndarray
+    marker_label: np.ndarray
+    marker_score: np.ndarray
+    agreement: np.ndarray
+    distance: np.ndarray
+    novel: np.ndarray
+    embedding: np.ndarray | None = None
+    layout: np.ndarray | None = None
+    gene_report: dict[str, Any] = field(default_factory=dict)
+    provenance: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def band(self) -> np.ndarray:
+        return band_of(self.confidence)
+
+    def __len__(self) -> int:
+        return len(self.label)
+
+    # ------------------------------------------------------------------ views
+    def to_dataframe(self) -> pd.DataFrame:
+        """One row per cell, indexed by cell id."""
+        alt = {
+            f"alternate_{k + 1}": [a[k][0] if len(a) > k else "" for a in self.alternates]
+            for k in range(N_ALTERNATES)
+        }
+        alt_s = {
+            f"alternate_{k + 1}_score": [a[k][1] if len(a) > k else np.nan for a in self.alternates]
+            for k in range(N_ALTERNATES)
+        }
+        df = pd.DataFrame(
+            {
+                "cell_type": self.label,
+                "cell_type_confidence": np.asarray(self.confidence, dtype=float),
+                "cell_type_band": self.band,
+                "cell_type_ontology_id": self.ontology_id,
+                "cell_type_level": self.level,
+                **alt,
+                **alt_s,
+                "markers": [",".join(m) for m in self.markers],
+                "knn_label": self.knn_label,
+                "knn_prob": np.asarray(self.knn_prob, dtype=float),
+                "marker_label": self.marker_label,
+                "marker_score": np.asarray(self.marker_score, dtype=float),
+                "agreement": np.asarray(self.agreement, dtype=bool),
+                "atlas_distance": np.asarray(self.distance, dtype=float),
+                "novel": np.asarray(self.novel, dtype=bool),
+            },
+            index=pd.Index(np.asarray(self.cell_ids).astype(str), name="cell_id"),
+        )
+        return df
+
+    def write_adata(self, adata, key: str = "cell_type") -> None:
+        """Write the calls into ``adata`` in place.
+
+        obs: ``cell_type``, ``cell_type_confidence``, ``cell_type_band``,
+        ``cell_type_ontology_id``, ``cell_type_level``, ``cell_type_alternates``,
+        ``cell_type_markers``, ``cell_type_novel``, ``cell_type_agreement``;
+        obsm: ``X_cellatlas`` (embedding), ``X_cellatlas_umap`` (layout);
+        uns: ``cellatlas`` (provenance and gene report).
+        """
+        if adata.n_obs != len(self):
+            raise ValueError(f"adata has {adata.n_obs} cells but the result has {len(self)}")
+        df = self.to_dataframe()
+        obs = adata.obs
+        obs[key] = pd.Categorical(df["cell_type"].to_numpy())
+        obs[f"{key}_confidence"] = df["cell_type_confidence"].to_numpy()
+        obs[f"{key}_band"] = pd.Categorical(df["cell_type_band"].to_numpy(), categories=["confident", "review", "low"])
+        obs[f"{key}_ontology_id"] = df["cell_type_ontology_id"].to_numpy().astype(str)
+        obs[f"{key}_level"] = df["cell_type_level"].to_numpy().astype(str)
+        obs[f"{key}_alternates"] = ["; ".join(f"{lab}:{s:.3f}" for lab, s in a) for a in self.alternates]
+        obs[f"{key}_markers"] = df["markers"].to_numpy().astype(str)
+        obs[f"{key}_novel"] = df["novel"].to_numpy()
+        obs[f"{key}_agreement"] = df["agreement"].to_numpy()
+        if self.embedding is not None:
+            adata.obsm["X_cellatlas"] = np.asarray(self.embedding, dtype=np.float32)
+        if self.layout is not None:
+            adata.obsm["X_cellatlas_umap"] = np.asarray(self.layout, dtype=np.float32)
+        adata.uns["cellatlas"] = _jsonable({"provenance": self.provenance, "gene_report": self.gene_report})
+
+    def to_calls(self, evidence: bool = True) -> list[dict[str, Any]]:
+        """The wire format: one dict per cell, in input order."""
+        calls = []
+        conf = np.asarray(self.confidence, dtype=float)
+        band = self.band
+        for i in range(len(self)):
+            c: dict[str, Any] = {
+                "label": str(self.label[i]),
+                "confidence": round(float(conf[i]), 4),
+                "alternates": [{"label": str(lab), "score": round(float(s), 4)} for lab, s in self.alternates[i]],
+                "markers": list(self.markers[i]),
+                "band": str(band[i]),
+                "ontology_id": str(self.ontology_id[i]),
+                "level": str(self.level[i]),
+                "novel": bool(self.novel[i]),
+            }
+            if evidence:
+                c["evidence"] = {
+                    "knn_label": str(self.knn_label[i]),
+                    "knn_prob": round(float(self.knn_prob[i]), 4),
+                    "marker_label": str(self.marker_label[i]),
+                    "marker_score": round(float(self.marker_score[i]), 4),
+                    "agreement": bool(self.agreement[i]),
+                    "atlas_distance": round(float(self.distance[i]), 4),
+                }
+            calls.append(c)
+        return calls
+
+    @classmethod
+    def from_calls(
+        cls,
+        calls: list[dict[str, Any]],
+        *,
+        cell_ids=None,
+        gene_report: dict | None = None,
+        provenance: dict | None = None,
+        embedding: np.ndarray | None = None,
+        layout: np.ndarray | None = None,
+    ) -> "AnnotationResult":
+        """Rebuild a result from wire calls (the inverse of :meth:`to_calls`)."""
+        n = len(calls)
+        ev = [c.get("evidence") or {} for c in calls]
+        conf = np.array([c["confidence"] for c in calls], dtype=np.float32)
+        return cls(
+            cell_ids=np.asarray(cell_ids if cell_ids is not None else [str(i) for i in range(n)], dtype=object),
+            label=np.array([c["label"] for c in calls], dtype=object),
+            ontology_id=np.array([c.get("ontology_id", "") for c in calls], dtype=object),
+            confidence=conf,
+            level=np.array([c.get("level", "fine") for c in calls], dtype=object),
+            alternates=[[(a["label"], float(a["score"])) for a in c.get("alternates", [])] for c in calls],
+            markers=[list(c.get("markers", [])) for c in calls],
+            knn_label=np.array([e.get("knn_label", "") for e in ev], dtype=object),
+            knn_prob=np.array([e.get("knn_prob", np.nan) for e in ev], dtype=np.float32),
+            marker_label=np.array([e.get("marker_label", "") for e in ev], dtype=object),
+            marker_score=np.array([e.get("marker_score", np.nan) for e in ev], dtype=np.float32),
+            agreement=np.array([e.get("agreement", False) for e in ev], dtype=bool),
+            distance=np.array([e.get("atlas_distance", np.nan) for e in ev], dtype=np.float32),
+            novel=np.array([c.get("novel", False) for c in calls], dtype=bool),
+            embedding=embedding,
+            layout=layout,
+            gene_report=gene_report or {},
+            provenance=provenance or {},
+        )
+
+    @classmethod
+    def concat(cls, parts: list["AnnotationResult"]) -> "AnnotationResult":
+        """Join results of consecutive chunks, order preserved (provenance from the first)."""
+        if not parts:
+            raise ValueError("nothing to concatenate")
+        first = parts[0]
+
+        def cat(name):
+            vals = [getattr(p, name) for p in parts]
+            if any(v is None for v in vals):
+                return None
+            return np.concatenate(vals)
+
+        return cls(
+            cell_ids=cat("cell_ids"),
+            label=cat("label"),
+            ontology_id=cat("ontology_id"),
+            confidence=cat("confidence"),
+            level=cat("level"),
+            alternates=[a for p in parts for a in p.alternates],
+            markers=[m for p in parts for m in p.markers],
+            knn_label=cat("knn_label"),
+            knn_prob=cat("knn_prob"),
+            marker_label=cat("marker_label"),
+            marker_score=cat("marker_score"),
+            agreement=cat("agreement"),
+            distance=cat("distance"),
+            novel=cat("novel"),
+            embedding=cat("embedding"),
+            layout=cat("layout"),
+            gene_report=first.gene_report,
+            provenance=first.provenance,
+        )
+
+    def summary(self) -> pd.DataFrame:
+        """Counts per label with mean confidence and band shares."""
+        df = self.to_dataframe()
+        g = df.groupby("cell_type", observed=True)
+        out = pd.DataFrame(
+            {
+                "cells": g.size(),
+                "mean_confidence": g["cell_type_confidence"].mean().round(3),
+                "confident": g["cell_type_band"].apply(lambda s: (s == "confident").mean()).round(3),
+                "review": g["cell_type_band"].apply(lambda s: (s == "review").mean()).round(3),
+                "low": g["cell_type_band"].apply(lambda s: (s == "low").mean()).round(3),
+                "novel": g["novel"].mean().round(3),
+            }
+        ).sort_values("cells", ascending=False)
+        return out
+
+
+def _jsonable(obj):
+    """Make nested provenance storable in AnnData ``uns`` (no None, no tuples)."""
+    if isinstance(obj, dict):
+        return {str(k): _jsonable(v) for k, v in obj.items() if v is not None}
+    if isinstance(obj, (list, tuple)):
+        return [_jsonable(v) for v in obj if v is not None]
+    if isinstance(obj, (np.generic,)):
+        return obj.item()
+    return obj
