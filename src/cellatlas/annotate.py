@@ -1,0 +1,199 @@
+"""Zero-shot annotation: the public in-process entry points.
+
+``annotate`` reads a count matrix and gene names, scores every cell against an
+atlas (kNN vote in the model's embedding + marker-signature score), fuses the two
+signals, calls a label (a coarser one when only that level is supported), and
+returns an :class:`~cellatlas.result.AnnotationResult` in input order.
+"""
+
+from __future__ import annotations
+
+import time
+from functools import lru_cache
+from importlib.metadata import version as _pkg_version
+from typing import Any, Callable, Sequence
+
+import numpy as np
+
+from cellatlas import fusion
+from cellatlas.atlas import DEFAULT_ATLAS, Atlas, load_atlas
+from cellatlas.config import get_settings
+from cellatlas.query import Query, prepare_query
+from cellatlas.result import AnnotationResult
+from cellatlas.genes import check_coverage
+from cellatlas.runtime import MIN_SHARED_GENES, MIN_SHARED_PANEL, AtlasRuntime
+
+DEFAULT_MODEL = "default"
+
+
+def code_version() -> str:
+    try:
+        return _pkg_version("cellatlas")
+    except Exception:  # pragma: no cover - running from a source tree without install
+        return "0+unknown"
+
+
+@lru_cache(maxsize=16)
+def _runtime_cached(atlas_key: str, model: str, genes: tuple[str, ...], model_path: str | None) -> AtlasRuntime:
+    return AtlasRuntime(load_atlas(atlas_key), model, list(genes), model_path=model_path)
+
+
+def get_runtime(atlas: Atlas, model: str, genes: Sequence[str], model_path=None) -> AtlasRuntime:
+    """A cached runtime for files on disk; a fresh one for in-memory atlases."""
+    if atlas.path is not None:
+        return _runtime_cached(str(atlas.path), model, tuple(genes), str(model_path) if model_path else None)
+    return AtlasRuntime(atlas, model, genes, model_path=model_path)
+
+
+def annotate_query(
+    query: Query,
+    *,
+    model: str = DEFAULT_MODEL,
+    atlas: str | Atlas = DEFAULT_ATLAS,
+    model_path=None,
+    chunk_size: int | None = None,
+    cluster_vote: bool = False,
+    progress: Callable[[int, int], None] | None = None,
+) -> AnnotationResult:
+    """Annotate an already prepared :class:`~cellatlas.query.Query`."""
+    t0 = time.perf_counter()
+    model = (model or DEFAULT_MODEL).lower()
+    at = load_atlas(atlas)
+    if model == DEFAULT_MODEL and query.mapping is not None:
+        # Names the likely cause (barcodes as genes, unmapped ids, wrong species, ...).
+        check_coverage(query.mapping, at.panel, min_fraction=MIN_SHARED_PANEL, min_genes=MIN_SHARED_GENES)
+    rt = get_runtime(at, model, query.genes, model_path)
+    t_setup = time.perf_counter() - t0
+    size = chunk_size or get_settings().chunk_size
+    n = query.n_cells
+    parts: list[AnnotationResult] = []
+    for start in range(0, n, size):
+        stop = min(start + size, n)
+        parts.append(_annotate_chunk(rt, query, slice(start, stop)))
+        if progress:
+            progress(stop, n)
+    res = AnnotationResult.concat(parts)
+    changed = None
+    if cluster_vote:
+        from cellatlas.voting import majority_vote
+
+        changed = int(majority_vote(res).sum())
+    res.gene_report = {**query.report, **rt.report}
+    res.provenance = {
+        "code_version": code_version(),
+        "model": model,
+        "model_fingerprint": rt.encoder.fingerprint(),
+        "atlas": at.name,
+        "atlas_version": at.version,
+        "atlas_sha256": at.sha256,
+        "n_cells": n,
+        "seconds": round(time.perf_counter() - t0, 4),
+        "setup_seconds": round(t_setup, 4),
+        "cluster_vote": bool(cluster_vote),
+        "cluster_vote_changed": changed,
+        "bands": {"confident": 0.7, "review": 0.4},
+    }
+    return res
+
+
+def _annotate_chunk(rt: AtlasRuntime, query: Query, rows: slice) -> AnnotationResult:
+    counts = query.counts[rows]
+    sc = rt.score(counts)
+    nodes = np.asarray(rt.hierarchy.nodes, dtype=object)
+    cands = np.asarray(rt.candidates, dtype=object)
+    kl, ml = sc.p_knn.argmax(axis=1), sc.p_marker.argmax(axis=1)
+    r = np.arange(len(kl))
+    member = rt.hierarchy.member
+    agreement = member[kl, sc.call] & member[ml, sc.call]
+    return AnnotationResult(
+        cell_ids=query.cell_ids[rows],
+        label=nodes[sc.call],
+        ontology_id=rt.ontology[sc.call],
+        confidence=sc.confidence,
+        level=np.where(sc.coarse, "coarse", "fine").astype(object),
+        alternates=rt.alternates(sc),
+        markers=rt.expressed_markers(sc),
+        knn_label=cands[kl],
+        knn_prob=sc.p_knn[r, kl].astype(np.float32),
+        marker_label=cands[ml],
+        marker_score=sc.p_marker[r, ml].astype(np.float32),
+        agreement=agreement,
+        distance=sc.z,
+        novel=sc.novel,
+        embedding=sc.embedding,
+        layout=rt.layout(sc),
+    )
+
+
+def annotate(
+    X,
+    genes: Sequence[str] | None = None,
+    *,
+    model: str = DEFAULT_MODEL,
+    atlas: str | Atlas = DEFAULT_ATLAS,
+    cell_ids: Sequence[str] | None = None,
+    layer: str | None = None,
+    use_raw: bool | None = None,
+    species: str | None = None,
+    model_path=None,
+    chunk_size: int | None = None,
+    cluster_vote: bool = False,
+    progress: Callable[[int, int], None] | None = None,
+) -> AnnotationResult:
+    """Annotate cells zero-shot against a reference atlas.
+
+    Parameters
+    ----------
+    X
+        Counts, cells x genes: scipy sparse, dense numpy or AnnData (``X``, ``.raw`` or
+        ``layer``). Log-normalised input is detected and handled; scaled input is refused.
+    genes
+        Column identifiers: HGNC symbols or Ensembl ids (human), or mouse symbols/ids
+        (mapped through orthologs). Taken from ``var_names`` for AnnData.
+    model
+        ``"default"`` (built in), ``"geneformer"`` or ``"scgpt"`` (need weights).
+    atlas
+        Atlas name (``"human-core"``, alias ``"human-core-2026"``), path, or :class:`Atlas`.
+    cell_ids
+        Row identifiers for the result (default ``obs_names`` or ``0..n-1``).
+    cluster_vote
+        Smooth calls by majority vote within over-clusters of the query (optional).
+    progress
+        Callback ``(done, total)`` after every chunk.
+
+    Returns
+    -------
+    AnnotationResult
+        Calls in input order with calibrated confidence, alternates, markers,
+        evidence, embedding, layout, gene report and provenance.
+    """
+    query = prepare_query(X, genes, cell_ids, layer=layer, use_raw=use_raw, species=species)
+    return annotate_query(
+        query, model=model, atlas=atlas, model_path=model_path, chunk_size=chunk_size, cluster_vote=cluster_vote, progress=progress
+    )
+
+
+def annotate_adata(adata, *, key: str = "cell_type", layer: str | None = None, use_raw: bool | None = None, **kwargs: Any) -> AnnotationResult:
+    """Annotate an AnnData in place: ``obs[key]``, ``obs[key + '_confidence']``, ... (see ``AnnotationResult.write_adata``)."""
+    res = annotate(adata, layer=layer, use_raw=use_raw, **kwargs)
+    res.write_adata(adata, key=key)
+    return res
+
+
+def embed(
+    X, genes: Sequence[str] | None = None, *, model: str = DEFAULT_MODEL, atlas: str | Atlas = DEFAULT_ATLAS, model_path=None, **kwargs: Any
+) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
+    """Embeddings and atlas-layout coordinates of cells, with the gene report."""
+    query = prepare_query(X, genes, kwargs.pop("cell_ids", None), **kwargs)
+    at = load_atlas(atlas)
+    rt = get_runtime(at, (model or DEFAULT_MODEL).lower(), query.genes, model_path)
+    size = get_settings().chunk_size
+    embs, lays = [], []
+    for start in range(0, query.n_cells, size):
+        sc = rt.score(query.counts[start : start + size])
+        embs.append(sc.embedding)
+        lays.append(rt.layout(sc))
+    return np.concatenate(embs), np.concatenate(lays), {**query.report, **rt.report}
+
+
+__all__ = ["annotate", "annotate_adata", "annotate_query", "embed", "fusion"]

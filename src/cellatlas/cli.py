@@ -1,0 +1,220 @@
+"""The ``cellatlas`` command line: a thin door onto the engine.
+
+Every command turns a :class:`~cellatlas.errors.CellAtlasError` into one readable
+line on stderr and exit code 2.
+"""
+
+from __future__ import annotations
+
+import functools
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from cellatlas.errors import CellAtlasError
+
+app = typer.Typer(help="Zero-shot cell-type annotation of single-cell RNA-seq data.", no_args_is_help=True, add_completion=False)
+atlas_app = typer.Typer(help="Build, list, inspect and download reference atlases.", no_args_is_help=True)
+app.add_typer(atlas_app, name="atlas")
+out = Console()
+err = Console(stderr=True)
+
+
+def friendly(fn):
+    """Print CellAtlasError (and unreadable files) as one line and exit 2."""
+
+    @functools.wraps(fn)
+    def wrapper(*a, **kw):
+        try:
+            return fn(*a, **kw)
+        except CellAtlasError as e:
+            err.print(f"[bold red]error:[/] {e.one_line()}", soft_wrap=True, highlight=False)
+            raise typer.Exit(2)
+        except FileNotFoundError as e:
+            err.print(f"[bold red]error:[/] file not found: {e.filename or e}", highlight=False)
+            raise typer.Exit(2)
+
+    return wrapper
+
+
+def _summary_table(res, title: str) -> Table:
+    t = Table(title=title)
+    for col in ("label", "cells", "mean conf.", "confident", "review", "low", "novel"):
+        t.add_column(col, justify="left" if col == "label" else "right")
+    for lab, row in res.summary().iterrows():
+        t.add_row(str(lab), str(row["cells"]), f"{row['mean_confidence']:.2f}", f"{row['confident']:.0%}", f"{row['review']:.0%}", f"{row['low']:.0%}", f"{row['novel']:.0%}")
+    return t
+
+
+def _progress_runner(total_hint: str):
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
+
+    return Progress("[progress.description]{task.description}", BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=err, transient=True)
+
+
+@app.command()
+@friendly
+def annotate(
+    input: Path = typer.Argument(..., help=".h5ad, 10x .h5, .mtx(.gz) directory or .zip, or .csv (cells x genes)."),
+    output: Optional[Path] = typer.Option(None, "-o", "--output", help="Write the annotated .h5ad here."),
+    csv: Optional[Path] = typer.Option(None, "--csv", help="Write the per-cell calls as CSV here."),
+    model: str = typer.Option("default", help="default, geneformer or scgpt."),
+    atlas: str = typer.Option("human-core", help="Atlas name or path."),
+    model_path: Optional[Path] = typer.Option(None, help="Checkpoint directory for a foundation model."),
+    layer: Optional[str] = typer.Option(None, help="AnnData layer holding counts."),
+    use_raw: Optional[bool] = typer.Option(None, "--use-raw/--no-use-raw", help="Read adata.raw (default: decide from the data)."),
+    species: Optional[str] = typer.Option(None, help="Force human or mouse (default: detected)."),
+    cluster_vote: bool = typer.Option(False, help="Smooth calls by majority vote within over-clusters."),
+):
+    """Annotate a dataset and print a summary table."""
+    import cellatlas
+    from cellatlas.io import read
+
+    adata = read(input)
+    with _progress_runner("cells") as prog:
+        task = prog.add_task("annotating", total=adata.n_obs)
+        res = cellatlas.annotate_adata(
+            adata, layer=layer, use_raw=use_raw, model=model, atlas=atlas, model_path=model_path, species=species,
+            cluster_vote=cluster_vote, progress=lambda done, total: prog.update(task, completed=done),
+        )
+    out.print(_summary_table(res, f"{input.name}: {adata.n_obs} cells, {res.provenance['seconds']:.2f} s"))
+    gr = res.gene_report
+    out.print(f"genes: {gr.get('id_type')} ({gr.get('species')}), {gr.get('n_genes_used')}/{gr.get('n_genes_input')} used, "
+              f"atlas panel coverage {gr.get('panel_coverage', float('nan')):.0%}")
+    if output:
+        adata.write_h5ad(output, compression="gzip")
+        out.print(f"wrote {output}")
+    if csv:
+        res.to_dataframe().to_csv(csv)
+        out.print(f"wrote {csv}")
+
+
+@app.command()
+@friendly
+def demo():
+    """Annotate scanpy's bundled pbmc68k_reduced with the built-in atlas (no files needed)."""
+    import pandas as pd
+    import scanpy as sc
+
+    import cellatlas
+
+    adata = sc.datasets.pbmc68k_reduced()
+    res = cellatlas.annotate_adata(adata)
+    out.print(_summary_table(res, f"pbmc68k_reduced ({adata.n_obs} cells, {adata.raw.n_vars} genes, log-normalised): "
+                                  f"{res.provenance['seconds']:.2f} s on atlas {res.provenance['atlas']}"))
+    ct = pd.crosstab(adata.obs["bulk_labels"], adata.obs["cell_type"])
+    t = Table(title="authors' bulk_labels (rows) vs cellatlas calls: most common call")
+    t.add_column("bulk label")
+    t.add_column("cells", justify="right")
+    t.add_column("top call")
+    t.add_column("share", justify="right")
+    for lab, row in ct.iterrows():
+        t.add_row(str(lab), str(int(row.sum())), str(row.idxmax()), f"{row.max() / max(row.sum(), 1):.0%}")
+    out.print(t)
+
+
+@atlas_app.command("build")
+@friendly
+def atlas_build(
+    reference: Path = typer.Argument(..., help="Labelled .h5ad with counts."),
+    label_key: str = typer.Option("cell_type", "--label-key", help="obs column with the labels."),
+    name: Optional[str] = typer.Option(None, help="Atlas name (default: file stem)."),
+    output: Optional[Path] = typer.Option(None, "-o", "--output", help="Where to write (default: CELLATLAS_HOME/atlases/NAME.atlas.npz)."),
+    version: str = typer.Option("1", help="Version string recorded in the atlas."),
+    model: str = typer.Option("default", help="Encoder to embed the reference with."),
+    model_path: Optional[Path] = typer.Option(None, help="Checkpoint directory for a foundation model."),
+    marker_labels: str = typer.Option("reference", help="'reference' or 'all' (add every curated marker-defined label)."),
+    ontology_key: Optional[str] = typer.Option(None, help="obs column with Cell Ontology ids."),
+    layer: Optional[str] = typer.Option(None, help="AnnData layer holding counts."),
+    calibrate_folds: int = typer.Option(5, help="Cross-validation folds for calibration (0 = skip)."),
+    layout: str = typer.Option("umap", help="2-D layout of the reference: umap or pca (fast)."),
+):
+    """Build an atlas file from a labelled reference."""
+    from cellatlas.atlas_build import build_atlas
+    from cellatlas.config import get_settings
+
+    name = name or reference.name.split(".")[0]
+    atlas = build_atlas(
+        reference, label_key, name=name, version=version, model=model, model_path=model_path, marker_labels=marker_labels,
+        ontology_key=ontology_key, layer=layer, calibrate_folds=calibrate_folds, layout=layout, log=lambda m: err.print(f"[dim]{m}[/]"),
+    )
+    dest = output or get_settings().resolved_atlas_dir / name
+    path = atlas.save(dest)
+    cal = atlas.meta["models"][model].get("calibration", {}).get("summary", {})
+    out.print(f"wrote {path} ({path.stat().st_size / 1e6:.1f} MB): {len(atlas.reference_labels)} reference labels, "
+              f"{len(atlas.meta['candidates'])} candidates, {len(atlas.panel)} panel genes; "
+              f"held-out accuracy {cal.get('accuracy', float('nan')):.3f}, ECE {cal.get('ece', float('nan')):.3f}")
+
+
+@atlas_app.command("list")
+@friendly
+def atlas_list():
+    """List installed atlases."""
+    from cellatlas.atlas import list_atlases
+
+    t = Table(title="installed atlases")
+    for c in ("name", "version", "models", "labels", "ref. cells", "builtin", "path"):
+        t.add_column(c)
+    for a in list_atlases():
+        t.add_row(a["name"], str(a.get("version", "")), ",".join(a.get("models", [])), str(a.get("n_labels", "")),
+                  str(a.get("n_reference_cells", "")), str(a.get("builtin", "")), str(a.get("path", "")))
+    out.print(t)
+
+
+@atlas_app.command("info")
+@friendly
+def atlas_info(name: str = typer.Argument("human-core")):
+    """Show an atlas's labels, models, calibration and provenance."""
+    from cellatlas.atlas import load_atlas
+
+    info = load_atlas(name).info()
+    out.print(f"[bold]{info['name']}[/] v{info['version']}  sha256 {info['sha256'][:16]}…  models: {', '.join(info['models'])}")
+    out.print(f"{info['n_reference_cells']} reference cells, {info['n_panel_genes']} panel genes, {info['n_labels']} labels")
+    t = Table()
+    for c in ("label", "ontology_id", "parent", "n_cells", "source"):
+        t.add_column(c)
+    for lab in info["labels"]:
+        t.add_row(lab["label"], str(lab.get("ontology_id") or ""), str(lab.get("parent") or ""), str(lab.get("n_cells", 0)), str(lab.get("source", "")))
+    out.print(t)
+    out.print(f"calibration: {info['calibration']}")
+
+
+@atlas_app.command("download")
+@friendly
+def atlas_download(
+    name: str,
+    registry: Optional[str] = typer.Option(None, help="Registry JSON path or URL (default: CELLATLAS_ATLAS_REGISTRY or the bundled one)."),
+    force: bool = typer.Option(False, help="Download even if a verified copy is cached."),
+):
+    """Download a published atlas (sha256-verified) into CELLATLAS_HOME/atlases."""
+    from cellatlas.atlas import download_atlas
+
+    path = download_atlas(name, registry=registry, force=force)
+    out.print(f"downloaded {name} -> {path}")
+
+
+def _wire_optional_commands() -> None:
+    """Attach commands that live with their subsystem (service, models)."""
+    try:
+        from cellatlas.service.commands import keys_app, serve
+
+        app.command("serve")(friendly(serve))
+        app.add_typer(keys_app, name="keys")
+    except ImportError as e:  # pragma: no cover - only while a subsystem is missing
+        print(f"cellatlas: service commands unavailable ({e})", file=sys.stderr)
+    try:
+        from cellatlas.encoders.commands import models_app
+
+        app.add_typer(models_app, name="models")
+    except ImportError as e:  # pragma: no cover
+        print(f"cellatlas: models commands unavailable ({e})", file=sys.stderr)
+
+
+_wire_optional_commands()
+
+if __name__ == "__main__":  # pragma: no cover
+    app()

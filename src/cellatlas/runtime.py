@@ -1,0 +1,270 @@
+"""The per-(atlas, model, gene set) machinery that scores cells.
+
+:class:`AtlasRuntime` holds everything annotation needs that does not depend on
+the individual cells: the encoder (re-fitted on the genes the query shares with the
+atlas panel when some are missing, never zero-filled), the faiss index of the
+reference embedding, neighbour-distance statistics, the candidate labels and their
+hierarchy, marker sets compiled against the query's genes and the calibration.
+:meth:`AtlasRuntime.score` turns a chunk of counts into raw per-cell arrays.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import faiss
+import numpy as np
+import scipy.sparse as sp
+
+from cellatlas import fusion
+from cellatlas.atlas import Atlas
+from cellatlas.encoders import get_encoder
+from cellatlas.encoders.default import DefaultEncoder
+from cellatlas.errors import AtlasModelMismatchError, GeneMismatchError
+from cellatlas.markers import compile_markers, rank_scores, score_markers
+
+MIN_SHARED_PANEL = 0.05
+"""Fewest fraction of the atlas panel a query must share (and at least MIN_SHARED_GENES)."""
+MIN_SHARED_GENES = 100
+NOVEL_Z = 2.0
+NOVEL_MARKER = 0.3
+"""A cell is novel when far from the atlas and its best label's standardised marker score is below this."""
+
+
+DEPTH_LEVELS = 6
+"""Reference marker statistics are computed at depths 1, 1/2, ..., 1/32 of the reference's own."""
+
+
+def marker_standardisation(ref_scores: np.ndarray, ref_codes: np.ndarray, ref_to_cand: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Centre and scale per candidate so that 0 = typical other cell, 1 = typical cell of the label.
+
+    Computed on the reference: the centre is the mean score among reference cells of
+    other labels; the scale is the gap to the mean among the label's own cells. Labels
+    without reference cells get the median gap of those that have them.
+    """
+    n_cand = ref_scores.shape[1]
+    own = ref_to_cand[ref_codes]
+    centre = np.empty(n_cand)
+    scale = np.full(n_cand, np.nan)
+    for c in range(n_cand):
+        mine = own == c
+        centre[c] = ref_scores[~mine, c].mean() if (~mine).any() else 0.0
+        if mine.any():
+            scale[c] = ref_scores[mine, c].mean() - centre[c]
+    fallback = np.nanmedian(scale) if np.isfinite(scale).any() else 0.3
+    scale = np.where(np.isfinite(scale), scale, fallback)
+    return centre.astype(np.float32), np.maximum(scale, 0.02).astype(np.float32)
+
+
+def neighbour_stats(emb: np.ndarray, k: int = fusion.K_NEIGHBOURS) -> dict[str, float]:
+    """Median and MAD of each reference cell's mean distance to its k nearest other cells."""
+    index = faiss.IndexFlatIP(emb.shape[1])
+    index.add(emb)
+    sim, _ = index.search(emb, k + 1)
+    d = (1.0 - sim[:, 1:]).mean(axis=1)
+    med = float(np.median(d))
+    return {"median": med, "mad": float(np.median(np.abs(d - med))), "bandwidth": max(med, 1e-3)}
+
+
+def thin(counts: sp.csr_matrix, fraction: float, seed: int = 0) -> sp.csr_matrix:
+    """Binomial thinning of counts to ``fraction`` of their depth (deterministic)."""
+    out = counts.copy()
+    rng = np.random.default_rng(seed)
+    out.data = rng.binomial(np.rint(out.data).astype(np.int64), fraction).astype(np.float32)
+    out.eliminate_zeros()
+    return out
+
+
+@dataclass
+class Scored:
+    """Raw per-cell outputs of one chunk (before calibration is turned into a result)."""
+
+    embedding: np.ndarray
+    sim: np.ndarray
+    idx: np.ndarray
+    p_knn: np.ndarray
+    p_marker: np.ndarray
+    marker_scores: np.ndarray
+    fused: np.ndarray
+    call: np.ndarray
+    coarse: np.ndarray
+    z: np.ndarray
+    o: np.ndarray
+    features: np.ndarray
+    confidence: np.ndarray
+    novel: np.ndarray
+    ranks: sp.csr_matrix
+
+
+class AtlasRuntime:
+    """Score cells against ``atlas`` with ``model`` for a query whose genes are ``genes``."""
+
+    def __init__(self, atlas: Atlas, model: str, genes: Sequence[str], *, model_path=None, encoder=None):
+        self.atlas, self.model, self.genes = atlas, model, list(genes)
+        meta = atlas.stats(model)
+        self.report: dict[str, Any] = {}
+        if model == "default":
+            self._init_default(atlas, meta)
+        else:
+            self.encoder = encoder or get_encoder(model, model_path=model_path)
+            if self.encoder.fingerprint() != meta["fingerprint"]:
+                raise AtlasModelMismatchError(
+                    f"Atlas '{atlas.name}' was embedded with other {model} weights ({meta['fingerprint']}) "
+                    f"than the ones loaded ({self.encoder.fingerprint()}).",
+                    fix="Use the checkpoint the atlas was built with, or rebuild the atlas with this checkpoint.",
+                    field="model",
+                )
+            self.ref_emb = atlas.embedding(model)
+            self.dist = meta["neighbours"]
+            self.report["model_gene_coverage"] = round(float(self.encoder.gene_coverage(self.genes)), 4)
+        self.index = faiss.IndexFlatIP(self.ref_emb.shape[1])
+        self.index.add(np.ascontiguousarray(self.ref_emb, dtype=np.float32))
+        self.ref_codes = atlas.ref_codes.astype(np.int64)
+        self.layout_ref = atlas.arrays["ref_layout"].astype(np.float32)
+        cal = meta.get("calibration") or {}
+        self.coef = np.asarray(cal.get("coef", [1.0, 0, 0, 0, 0, 0]), dtype=np.float64)
+        self.intercept = float(cal.get("intercept", 0.0))
+        self._init_labels(atlas)
+
+    # ------------------------------------------------------------------ setup
+    def _init_default(self, atlas: Atlas, meta: dict) -> None:
+        panel = atlas.panel
+        have = set(self.genes)
+        shared = [g for g in panel if g in have]
+        self.report.update({"panel_genes": len(panel), "panel_shared": len(shared), "panel_coverage": round(len(shared) / len(panel), 4)})
+        if len(shared) < max(MIN_SHARED_GENES, MIN_SHARED_PANEL * len(panel)):
+            raise GeneMismatchError(
+                f"Only {len(shared)} of the atlas '{atlas.name}' panel's {len(panel)} genes are in your data "
+                f"({len(shared) / len(panel):.0%}); a call on so few genes would be meaningless (every cell would look alike).",
+                fix="Check that the gene names are HGNC symbols or Ensembl ids of the matrix columns, in the same order "
+                "as the columns, and for a supported species (human, or mouse via orthologs).",
+                field="genes",
+                details={"panel_shared": len(shared), "panel_genes": len(panel)},
+            )
+        state = atlas.encoder_state("default")
+        if len(shared) == len(panel):
+            self.encoder = DefaultEncoder.from_state(state)
+            self.ref_emb = atlas.embedding("default")
+            self.dist = meta["neighbours"]
+            self.report["panel_adapted"] = False
+            return
+        # Some panel genes are missing: refit on every gene the query shares with the stored
+        # reference (panel + marker genes), never zero-filling the missing ones.
+        genes = [g for g in atlas.ref_genes if g in have]
+        gi = {g: i for i, g in enumerate(atlas.ref_genes)}
+        ref = atlas.reference_counts()[:, np.array([gi[g] for g in genes])]
+        self.encoder = DefaultEncoder.fit(ref, genes, genes, n_pcs=int(state["components"].shape[0]), transform=str(state["transform"]))
+        self.ref_emb = self.encoder.embed(ref, genes)
+        self.dist = neighbour_stats(self.ref_emb)
+        self.report.update({"panel_adapted": True, "adapted_panel_genes": len(genes)})
+
+    def _init_labels(self, atlas: Atlas) -> None:
+        labels = atlas.labels
+        self.candidates: list[str] = list(atlas.meta["candidates"])
+        cand_pos = {c: i for i, c in enumerate(self.candidates)}
+        self.ref_to_cand = np.array([cand_pos[lab] for lab in atlas.reference_labels])
+        self.marker_only = np.ones(len(self.candidates), dtype=bool)
+        self.marker_only[self.ref_to_cand] = False
+        parents = {lab: (p if isinstance(p, str) else "") for lab, p in labels["parent"].items()}
+        self.hierarchy = fusion.Hierarchy.build(self.candidates, parents)
+        sets = atlas.marker_sets
+        # Marker evidence is read on the genes both the query and the stored reference have,
+        # ranked within that universe for both, so reference statistics apply to the query.
+        have = {g: i for i, g in enumerate(self.genes)}
+        ref_genes = atlas.ref_genes
+        universe = [g for g in ref_genes if g in have]
+        self.q_cols = np.array([have[g] for g in universe], dtype=np.int64)
+        r_cols = np.array([i for i, g in enumerate(ref_genes) if g in have], dtype=np.int64)
+        self.universe = universe
+        self.compiled = compile_markers({c: sets[c] for c in self.candidates}, universe)
+        node_sets = {n: sets.get(n, {"positive": [], "negative": []}) for n in self.hierarchy.nodes}
+        self.node_markers = compile_markers(node_sets, universe)
+        ref = atlas.reference_counts()[:, r_cols].tocsr()
+        self.ref_depth = float(np.median(np.asarray(ref.sum(axis=1)).ravel()))
+        levels = [
+            marker_standardisation(
+                score_markers(rank_scores(thin(ref, 0.5**lv) if lv else ref), self.compiled, ranked=True),
+                self.ref_codes,
+                self.ref_to_cand,
+            )
+            for lv in range(DEPTH_LEVELS)
+        ]
+        self.marker_centre = np.stack([c for c, _ in levels])  # [levels, candidates]
+        self.marker_scale = np.stack([s for _, s in levels])
+        self.ontology = np.array(
+            [labels["ontology_id"].get(n, "") if isinstance(labels["ontology_id"].get(n, ""), str) else "" for n in self.hierarchy.nodes],
+            dtype=object,
+        )
+        cov = self.compiled.coverage
+        self.report["marker_coverage"] = {c: round(float(v), 3) for c, v in zip(self.candidates, cov)}
+
+    # ------------------------------------------------------------------ scoring
+    def score(self, counts: sp.csr_matrix) -> Scored:
+        """Score one chunk of cells (rows of ``counts`` over ``self.genes``)."""
+        emb = self.encoder.embed(counts, self.genes)
+        k = min(fusion.K_NEIGHBOURS, self.index.ntotal)
+        sim, idx = self.index.search(np.ascontiguousarray(emb), k)
+        p_ref = fusion.knn_vote(sim, idx, self.ref_codes, len(self.ref_to_cand), self.dist["bandwidth"])
+        z, o = fusion.ood_score((1.0 - sim).mean(axis=1), self.dist["median"], self.dist["mad"])
+        sub = counts[:, self.q_cols]
+        ranks = rank_scores(sub)
+        raw = score_markers(ranks, self.compiled, ranked=True)
+        depth = np.asarray(sub.sum(axis=1)).ravel()
+        level = np.clip(np.rint(np.log2(self.ref_depth / np.maximum(depth, 1.0))), 0, DEPTH_LEVELS - 1).astype(int)
+        s = (raw - self.marker_centre[level]) / self.marker_scale[level]
+        p_marker = fusion.marker_probs(s)
+        p_knn = fusion.spread_knn(p_ref, self.ref_to_cand, o, p_marker, self.marker_only)
+        fused = fusion.fuse(p_knn, p_marker)
+        call, coarse = fusion.hierarchical_call(fused, self.hierarchy)
+        feats = fusion.calibration_features(fused, p_knn, p_marker, call, coarse, self.hierarchy, o)
+        conf = fusion.apply_calibration(feats, self.coef, self.intercept)
+        best = fused.argmax(axis=1)
+        novel = (s[np.arange(len(best)), best] < NOVEL_MARKER) & (z > NOVEL_Z)
+        return Scored(emb, sim, idx, p_knn, p_marker, s, fused, call, coarse, z, o, feats, conf, novel, ranks)
+
+    # ------------------------------------------------------------------ per-cell details
+    def layout(self, sc: Scored) -> np.ndarray:
+        """Query positions: kernel-weighted mean of the neighbours' layout positions."""
+        d = 1.0 - sc.sim
+        w = np.exp(-(d - d[:, :1]) / max(self.dist["bandwidth"], 1e-3))
+        w /= w.sum(axis=1, keepdims=True)
+        xy = np.einsum("nk,nkd->nd", w, self.layout_ref[sc.idx])
+        anchors = self.atlas.meta.get("anchors", {})
+        names = self.hierarchy.nodes
+        for i in np.nonzero(sc.novel | np.isin(sc.call, np.nonzero(self.marker_only)[0]))[0]:
+            a = anchors.get(names[sc.call[i]]) or anchors.get("__novel__")
+            if a is not None:
+                jitter = ((hash((i, 7)) % 1000) / 1000.0 - 0.5, (hash((i, 13)) % 1000) / 1000.0 - 0.5)
+                xy[i] = (a[0] + jitter[0], a[1] + jitter[1])
+        return xy.astype(np.float32)
+
+    def expressed_markers(self, sc: Scored, n_top: int = 10) -> list[list[str]]:
+        """Per cell: the called label's positive markers that the cell expresses, strongest first."""
+        nm = self.node_markers
+        out: list[list[str]] = [[] for _ in range(len(sc.call))]
+        for node in np.unique(sc.call):
+            cols = nm.marker_idx[int(node)]
+            if len(cols) == 0:
+                continue
+            cells = np.nonzero(sc.call == node)[0]
+            block = sc.ranks[cells][:, cols].toarray()
+            order = np.argsort(-block, axis=1, kind="stable")[:, :n_top]
+            names = np.asarray([self.universe[c] for c in cols], dtype=object)[order]
+            keep = np.take_along_axis(block, order, axis=1) > 0
+            for i, row, k in zip(cells.tolist(), names, keep):
+                out[i] = row[k].tolist()
+        return out
+
+    def alternates(self, sc: Scored, n: int = 3) -> list[list[tuple[str, float]]]:
+        """Up to ``n`` runner-up candidate labels with their fused probabilities."""
+        top = np.argsort(-sc.fused, axis=1)[:, : n + 1]
+        # Drop the called label where it is among the top; otherwise drop the last.
+        is_call = top == sc.call[:, None]
+        drop = np.where(is_call.any(axis=1), is_call.argmax(axis=1), n)
+        keep = np.ones_like(top, dtype=bool)
+        keep[np.arange(len(top)), drop] = False
+        alt = top[keep].reshape(len(top), n)
+        labels = np.asarray(self.candidates, dtype=object)[alt].tolist()
+        scores = np.take_along_axis(sc.fused, alt, axis=1).tolist()
+        return [list(zip(lab, sco)) for lab, sco in zip(labels, scores)]

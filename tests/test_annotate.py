@@ -1,0 +1,170 @@
+import numpy as np
+import pandas as pd
+import pytest
+import scipy.sparse as sp
+
+import cellatlas
+from cellatlas.errors import GeneMismatchError, InputError
+from cellatlas.gene_tables import load_tables  # noqa: F401  (tables used by the mouse test)
+from tests.conftest import shared_file
+
+BLOOD_LINEAGE = "immune"
+
+
+@pytest.fixture(scope="module")
+def pbmc_small(pbmc3k):
+    idx = np.random.default_rng(0).choice(pbmc3k.n_obs, 600, replace=False)
+    return pbmc3k[np.sort(idx)].copy()
+
+
+@pytest.fixture(scope="module")
+def pbmc_result(pbmc_small):
+    return cellatlas.annotate(pbmc_small.X, list(pbmc_small.var_names), cell_ids=list(pbmc_small.obs_names))
+
+
+def test_result_shape_order_and_bands(pbmc_small, pbmc_result):
+    res = pbmc_result
+    assert len(res) == pbmc_small.n_obs
+    assert list(res.cell_ids) == list(pbmc_small.obs_names)
+    c = res.confidence
+    assert ((c >= 0) & (c <= 1)).all()
+    band = res.band
+    assert (band[c >= 0.7] == "confident").all() and (band[c < 0.4] == "low").all()
+    assert all(len(a) <= 3 for a in res.alternates)
+    assert all(lab != alt for lab, alts in zip(res.label, res.alternates) for alt, _ in alts)
+    assert res.embedding.shape[0] == len(res) and res.layout.shape == (len(res), 2)
+    assert res.provenance["atlas"] == "human-core" and len(res.provenance["atlas_sha256"]) == 64
+
+
+def test_markers_are_expressed_and_belong_to_the_label(pbmc_small, pbmc_result):
+    from cellatlas.query import prepare_query
+
+    at = cellatlas.load_atlas("human-core")
+    q = prepare_query(pbmc_small.X, list(pbmc_small.var_names))  # markers are approved symbols
+    genes, X = q.genes, q.counts
+    checked = 0
+    for i in range(0, len(pbmc_result), 37):
+        lab, markers = pbmc_result.label[i], pbmc_result.markers[i]
+        allowed = set(at.marker_sets.get(lab, {}).get("positive", []))
+        for g in markers:
+            assert g in allowed
+            assert X[i, genes.index(g)] > 0
+            checked += 1
+    assert checked > 20
+
+
+def test_accuracy_on_reference_lineages(pbmc_small, pbmc_result):
+    # The atlas is built from PBMC3k, so this is a sanity check, not a benchmark.
+    truth = pbmc_small.obs["cell_type"].astype(str).to_numpy()
+    lineage = {"B": "B cell", "NK": "NK cell", "CD14+ Mono": "CD14 monocyte"}
+    for t, lab in lineage.items():
+        m = truth == t
+        assert (pbmc_result.label[m] == lab).mean() > 0.85, t
+
+
+def test_deterministic_and_chunk_invariant(pbmc_small, pbmc_result):
+    again = cellatlas.annotate(pbmc_small.X, list(pbmc_small.var_names), chunk_size=97)
+    assert np.array_equal(again.label, pbmc_result.label)
+    np.testing.assert_allclose(again.confidence, pbmc_result.confidence, rtol=1e-5, atol=1e-6)
+
+
+def test_permuting_cells_permutes_calls(pbmc_small, pbmc_result):
+    perm = np.random.default_rng(1).permutation(pbmc_small.n_obs)
+    res = cellatlas.annotate(pbmc_small.X[perm], list(pbmc_small.var_names))
+    assert np.array_equal(res.label, pbmc_result.label[perm])
+
+
+def test_ensembl_ids_give_the_same_calls(pbmc_small, pbmc_result):
+    from cellatlas.genes import map_genes
+
+    ens = pbmc_small.var["ensembl_id"].astype(str).to_numpy()
+    ok = np.array([e.startswith("ENSG") for e in ens]) & ~pd.Series(ens).duplicated(keep=False).to_numpy()
+    # The same genes under both names: columns whose symbol and Ensembl id map to the same approved symbol.
+    by_sym = map_genes(list(pbmc_small.var_names)).symbols
+    by_ens = map_genes(list(ens)).symbols
+    same = ok & np.array([a is not None and a == b for a, b in zip(by_sym, by_ens)])
+    assert same.sum() > 0.95 * ok.sum()
+    sym = cellatlas.annotate(pbmc_small.X[:, same], list(pbmc_small.var_names[same]))
+    by_id = cellatlas.annotate(pbmc_small.X[:, same], list(ens[same]))
+    assert by_id.gene_report["id_type"] == "ensembl_human"
+    assert np.array_equal(sym.label, by_id.label)
+    np.testing.assert_allclose(sym.confidence, by_id.confidence, rtol=1e-5)
+    # all Ensembl ids as sent (a few map to other symbols than the old names): nearly the same calls
+    full = cellatlas.annotate(pbmc_small.X[:, ok], list(ens[ok]))
+    assert (full.label == pbmc_result.label).mean() > 0.9
+
+
+def test_mouse_symbols_give_the_same_calls(pbmc_small):
+    import gzip
+    from pathlib import Path
+
+    import cellatlas.genes as cg
+
+    table = Path(cg.__file__).parent / "data" / "genes" / "mouse_to_human.tsv.gz"
+    with gzip.open(table, "rt") as fh:
+        df = pd.read_csv(fh, sep="\t")
+    mouse_col = [c for c in df.columns if "mouse" in c.lower()][0]
+    human_col = [c for c in df.columns if "human" in c.lower()][0]
+    df = df[~df[mouse_col].astype(str).str.startswith("ENSMUSG")]
+    one_to_one = df.groupby(human_col).filter(lambda g: len(g) == 1)
+    to_mouse = dict(zip(one_to_one[human_col], one_to_one[mouse_col]))
+    genes = list(pbmc_small.var_names)
+    ok = np.array([g in to_mouse for g in genes])
+    human = cellatlas.annotate(pbmc_small.X[:, ok], [g for g, k in zip(genes, ok) if k])
+    mouse = cellatlas.annotate(pbmc_small.X[:, ok], [to_mouse[g] for g, k in zip(genes, ok) if k])
+    assert mouse.gene_report["species"] == "mouse"
+    assert (mouse.label == human.label).mean() > 0.99
+
+
+def test_gene_mismatch_is_an_error_not_an_answer(pbmc_small):
+    junk = [f"GENE{i}" for i in range(pbmc_small.n_vars)]
+    with pytest.raises(GeneMismatchError) as e:
+        cellatlas.annotate(pbmc_small.X, junk)
+    assert e.value.status_code == 422 and e.value.fix
+
+
+def test_scaled_input_is_refused(pbmc68k):
+    with pytest.raises(InputError) as e:
+        cellatlas.annotate(pbmc68k.X, list(pbmc68k.var_names))  # z-scored values
+    assert "raw" in (e.value.fix or "").lower() or "raw" in e.value.message.lower()
+
+
+def test_lognormalised_anndata_and_obs_columns(pbmc68k):
+    a = pbmc68k.copy()
+    res = cellatlas.annotate_adata(a)
+    assert res.gene_report["matrix_source"] == "raw.X" and res.gene_report["values"] == "lognorm"
+    for col in ("cell_type", "cell_type_confidence", "cell_type_band", "cell_type_ontology_id", "cell_type_alternates", "cell_type_markers"):
+        assert col in a.obs
+    assert a.obsm["X_cellatlas"].shape[0] == a.n_obs and a.obsm["X_cellatlas_umap"].shape == (a.n_obs, 2)
+    assert a.uns["cellatlas"]["provenance"]["atlas"] == "human-core"
+    mono = a.obs["bulk_labels"] == "CD14+ Monocyte"
+    assert a.obs.loc[mono, "cell_type"].isin(["CD14 monocyte", "CD16 monocyte", "Monocyte", "Dendritic cell"]).mean() > 0.8
+    b = a.obs["bulk_labels"] == "CD19+ B"
+    assert (a.obs.loc[b, "cell_type"] == "B cell").mean() > 0.8
+
+
+def test_non_blood_cells_are_not_called_blood():
+    import anndata as ad
+
+    xin = ad.read_h5ad(shared_file("datasets", "human_pancreas_xin2016_scclassify_subset.h5ad"))
+    res = cellatlas.annotate(xin)
+    labels = cellatlas.load_atlas("human-core").labels
+    lineage = labels["lineage"].reindex(res.label).fillna("").to_numpy()
+    assert (lineage != BLOOD_LINEAGE).mean() > 0.9
+    beta = xin.obs["cell_type"].astype(str).to_numpy() == "beta"
+    assert (res.label[beta] == "Pancreatic beta cell").mean() > 0.7
+
+
+def test_cluster_vote_keeps_order_and_records_changes(pbmc_small, pbmc_result):
+    res = cellatlas.annotate(pbmc_small.X, list(pbmc_small.var_names), cluster_vote=True)
+    assert len(res) == len(pbmc_result)
+    changed = int((res.label != pbmc_result.label).sum())
+    assert res.provenance["cluster_vote_changed"] == changed
+    assert changed < 0.2 * len(res)
+
+
+def test_embed(pbmc_small):
+    emb, lay, report = cellatlas.embed(pbmc_small.X, list(pbmc_small.var_names))
+    assert emb.shape[0] == pbmc_small.n_obs and lay.shape == (pbmc_small.n_obs, 2)
+    np.testing.assert_allclose(np.linalg.norm(emb, axis=1), 1.0, rtol=1e-4)
+    assert report["panel_coverage"] > 0.9

@@ -1,0 +1,67 @@
+import numpy as np
+import pytest
+
+from cellatlas import fusion
+from cellatlas.fusion import Hierarchy
+
+
+def test_knn_vote_weights_nearer_neighbours_more():
+    sim = np.array([[0.99, 0.5, 0.5]])
+    idx = np.array([[0, 1, 2]])
+    codes = np.array([0, 1, 1])
+    p = fusion.knn_vote(sim, idx, codes, 2, bandwidth=0.05)
+    assert p.shape == (1, 2)
+    assert np.isclose(p.sum(), 1.0)
+    assert p[0, 0] > p[0, 1]  # one close neighbour beats two far ones
+    p_wide = fusion.knn_vote(sim, idx, codes, 2, bandwidth=10.0)
+    assert p_wide[0, 1] > p_wide[0, 0]  # with a very wide kernel it is a plain majority
+
+
+def test_ood_score_monotone():
+    z, o = fusion.ood_score(np.array([0.1, 0.2, 0.9]), median=0.1, mad=0.02)
+    assert z[0] == pytest.approx(0.0)
+    assert o[0] < 0.1 < 0.9 < o[2]
+    assert np.all(np.diff(o) > 0)
+
+
+def test_spread_knn_moves_mass_to_marker_only_labels_when_far():
+    p_ref = np.array([[1.0, 0.0], [1.0, 0.0]])
+    ref_to_cand = np.array([0, 1])
+    marker_only = np.array([False, False, True, True])
+    p_marker = np.array([[0.1, 0.1, 0.7, 0.1]] * 2)
+    o = np.array([0.0, 1.0])
+    p = fusion.spread_knn(p_ref, ref_to_cand, o, p_marker, marker_only)
+    assert np.allclose(p.sum(axis=1), 1.0)
+    assert p[0, 0] == 1.0 and p[0, 2:].sum() == 0
+    assert p[1, 0] == 0.0 and p[1, 2] == pytest.approx(0.875)
+
+
+def test_hierarchy_rolls_up_when_only_parent_is_supported():
+    # candidates: naive CD4, memory CD4, B; parents: CD4 T -> T -> Lymphocyte; B -> Lymphocyte
+    parents = {"naive": "CD4", "memory": "CD4", "CD4": "T", "T": "Lymph", "B": "Lymph"}
+    h = Hierarchy.build(["naive", "memory", "B"], parents)
+    assert h.nodes[:3] == ["naive", "memory", "B"]
+    fused = np.array([[0.45, 0.45, 0.10], [0.9, 0.05, 0.05], [0.3, 0.3, 0.4]])
+    call, coarse = fusion.hierarchical_call(fused, h)
+    names = [h.nodes[c] for c in call]
+    assert names == ["CD4", "naive", "CD4"]
+    assert list(coarse) == [True, False, True]
+
+
+def test_calibration_fit_and_ece():
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(2000, len(fusion.CALIBRATION_FEATURES)))
+    p = 1 / (1 + np.exp(-(2 * x[:, 0] - 0.5)))
+    y = rng.random(2000) < p
+    cal = fusion.fit_calibration(x, y)
+    conf = fusion.apply_calibration(x, np.array(cal["coef"]), cal["intercept"])
+    assert fusion.expected_calibration_error(conf, y) < 0.05
+    # an overconfident score is badly calibrated
+    assert fusion.expected_calibration_error(np.ones(2000), y) > 0.2
+
+
+def test_fuse_is_geometric_mean():
+    a = np.array([[0.8, 0.2]])
+    b = np.array([[0.2, 0.8]])
+    f = fusion.fuse(a, b)
+    assert np.allclose(f, [[0.5, 0.5]], atol=1e-3)
