@@ -112,10 +112,12 @@ def assemble(
     curated = load_curated_markers()
     derived = derive_markers(query.counts, query.genes, labels)
     base = merge_markers(curated, derived)
-    above_ref = {a for lab in ref_labels for a in _ancestors(lab, parents)}
+    # Grouping nodes (parents in the label table) are roll-up targets, never candidates:
+    # as candidates they would out-score their own children.
+    grouping = {p for p in load_labels()["parent"] if isinstance(p, str) and p} | set(parents.values())
     candidates = ref_labels + [
         m for m in marker_labels
-        if m not in ref_labels and m not in above_ref and len(base.get(m, {}).get("positive", [])) >= MIN_MARKERS
+        if m not in ref_labels and m not in grouping and len(base.get(m, {}).get("positive", [])) >= MIN_MARKERS
     ]
     sets = _effective_markers([r["label"] for r in rows], base, parents)
     have = set(query.genes)

@@ -46,7 +46,7 @@ def _summary_table(res, title: str) -> Table:
     for col in ("label", "cells", "mean conf.", "confident", "review", "low", "novel"):
         t.add_column(col, justify="left" if col == "label" else "right")
     for lab, row in res.summary().iterrows():
-        t.add_row(str(lab), str(row["cells"]), f"{row['mean_confidence']:.2f}", f"{row['confident']:.0%}", f"{row['review']:.0%}", f"{row['low']:.0%}", f"{row['novel']:.0%}")
+        t.add_row(str(lab), str(int(row["cells"])), f"{row['mean_confidence']:.2f}", f"{row['confident']:.0%}", f"{row['review']:.0%}", f"{row['low']:.0%}", f"{row['novel']:.0%}")
     return t
 
 

@@ -135,22 +135,28 @@ class Hierarchy:
 
 
 def hierarchical_call(fused: np.ndarray, h: Hierarchy, threshold: float = CALL_THRESHOLD) -> tuple[np.ndarray, np.ndarray]:
-    """Deepest node on the best leaf's ancestor path whose mass reaches ``threshold``.
+    """Top-down call: from the roots, step to the child with the most mass while it reaches ``threshold``.
 
-    Returns the called node index per cell and whether it is coarser than the best leaf.
-    If even the top of the path stays below the threshold, the best leaf is called (with
-    the low confidence that its mass implies).
+    Returns the called node index per cell and whether it is coarser than the best
+    candidate. If no top-level node reaches the threshold, the best candidate is called
+    (with the low confidence its mass implies).
     """
     mass = h.mass(fused)
+    n, n_nodes = mass.shape
+    # children[j + 1] masks the children of node j; children[0] the roots.
+    children = np.zeros((n_nodes + 1, n_nodes), dtype=bool)
+    children[h.parent + 1, np.arange(n_nodes)] = True
+    current = np.full(n, -1)
+    rows = np.arange(n)
+    for _ in range(int(h.depth.max()) + 1):
+        masked = np.where(children[current + 1], mass, -1.0)
+        child = masked.argmax(axis=1)
+        step = masked[rows, child] >= threshold
+        if not step.any():
+            break
+        current = np.where(step, child, current)
     best = fused.argmax(axis=1)
-    call = best.copy()
-    for i in np.nonzero(fused[np.arange(len(best)), best] < threshold)[0]:
-        k = h.parent[best[i]]
-        while k >= 0:
-            if mass[i, k] >= threshold:
-                call[i] = k
-                break
-            k = h.parent[k]
+    call = np.where(current >= 0, current, best)
     return call, call != best
 
 
