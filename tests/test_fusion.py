@@ -65,3 +65,14 @@ def test_fuse_is_geometric_mean():
     b = np.array([[0.2, 0.8]])
     f = fusion.fuse(a, b)
     assert np.allclose(f, [[0.5, 0.5]], atol=1e-3)
+
+
+def test_marker_ood_needs_a_clear_lead():
+    marker_only = np.array([False, False, True])
+    s = np.array([
+        [0.0, 0.05, 3.0],  # a marker-only label fits far better than any reference label
+        [1.0, 0.0, 1.2],   # a reference label fits about as well: stay
+        [0.0, 0.0, 0.2],   # nothing fits anywhere: no evidence to move
+    ])
+    o = fusion.marker_ood(s, marker_only)
+    assert o[0] > 0.8 and o[1] == 0 and o[2] == 0

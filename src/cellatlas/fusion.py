@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 
 K_NEIGHBOURS = 15
-MARKER_TEMPERATURE = 0.25
+MARKER_TEMPERATURE = 0.5
 """Softmax temperature of standardised marker scores (1 = the gap between a label's own cells and others)."""
 CALL_THRESHOLD = 0.5
 """A node is called when its fused probability mass reaches this."""
@@ -54,6 +54,24 @@ def ood_score(mean_dist: np.ndarray, median: float, mad: float) -> tuple[np.ndar
     z = (mean_dist - median) / max(1.4826 * mad, 1e-4)
     o = np.clip((z - (OOD_Z - 1.0)) / 2.0, 0.0, 1.0)
     return z.astype(np.float32), o
+
+
+MARKER_OOD_MARGIN = 1.5
+"""Standardised marker-score lead (in label gaps) of a marker-defined label over every reference label
+at which the kNN mass starts moving to marker-defined labels; all of it has moved one gap later."""
+
+
+def marker_ood(std_scores: np.ndarray, marker_only: np.ndarray) -> np.ndarray:
+    """Out-of-reference weight from markers alone, in [0, 1].
+
+    Rises when a label the reference has no cells for fits the cell much better (by more
+    than ``MARKER_OOD_MARGIN`` label gaps) than every reference label. The lead is relative,
+    so it holds for shallow droplet data and deep full-length data alike.
+    """
+    if not marker_only.any() or marker_only.all():
+        return np.zeros(std_scores.shape[0])
+    lead = std_scores[:, marker_only].max(axis=1) - std_scores[:, ~marker_only].max(axis=1)
+    return np.clip(lead - MARKER_OOD_MARGIN, 0.0, 1.0)
 
 
 def marker_probs(scores: np.ndarray, temperature: float = MARKER_TEMPERATURE) -> np.ndarray:

@@ -214,6 +214,7 @@ class AtlasRuntime:
         level = np.clip(np.rint(np.log2(self.ref_depth / np.maximum(depth, 1.0))), 0, DEPTH_LEVELS - 1).astype(int)
         s = (raw - self.marker_centre[level]) / self.marker_scale[level]
         p_marker = fusion.marker_probs(s)
+        o = np.maximum(o, fusion.marker_ood(s, self.marker_only))
         p_knn = fusion.spread_knn(p_ref, self.ref_to_cand, o, p_marker, self.marker_only)
         fused = fusion.fuse(p_knn, p_marker)
         call, coarse = fusion.hierarchical_call(fused, self.hierarchy)
