@@ -25,7 +25,7 @@ def test_builtin_atlas_contents():
         assert labels.loc[lab, "ontology_id"].startswith("CL:")
         assert labels.loc[lab, "n_cells"] > 0
     # marker-defined labels beyond blood are candidates
-    for lab in ("Neuron", "Hepatocyte", "Pancreatic beta cell", "Fibroblast", "Endothelial cell"):
+    for lab in ("Neuron", "Hepatocyte", "Pancreatic beta cell", "Fibroblast", "Vascular endothelial cell"):
         assert lab in at.meta["candidates"]
         assert len(at.marker_sets[lab]["positive"]) >= 3
     assert np.isfinite(at.arrays["ref_layout"]).all()
@@ -110,3 +110,9 @@ def test_download_verifies_checksum_and_caches(small_atlas, file_server, isolate
     assert not (isolated_home / "atlases" / "tampered.atlas.npz").exists()
     with pytest.raises(UnknownAtlasError):
         download_atlas("absent", registry=reg)
+
+
+def test_grouping_nodes_are_not_candidates():
+    at = load_atlas("human-core")
+    parents = {p for p in at.labels["parent"] if isinstance(p, str) and p}
+    assert not parents & set(at.meta["candidates"]) - set(at.reference_labels)

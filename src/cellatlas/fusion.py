@@ -149,7 +149,12 @@ class Hierarchy:
 
     def mass(self, p: np.ndarray) -> np.ndarray:
         """Probability mass of every node ``[n, n_nodes]`` from candidate probabilities."""
-        return p @ self.member.astype(p.dtype)
+        if p.dtype != np.float32:
+            p = p.astype(np.float32)
+        return p @ self._member_f
+
+    def __post_init__(self) -> None:
+        self._member_f = self.member.astype(np.float32)
 
 
 def hierarchical_call(fused: np.ndarray, h: Hierarchy, threshold: float = CALL_THRESHOLD) -> tuple[np.ndarray, np.ndarray]:
@@ -187,8 +192,8 @@ def calibration_features(
     fused: np.ndarray, p_knn: np.ndarray, p_marker: np.ndarray, call: np.ndarray, coarse: np.ndarray, h: Hierarchy, o: np.ndarray
 ) -> np.ndarray:
     """Features of the called node for the confidence model (see ``CALIBRATION_FEATURES``)."""
-    rows = np.arange(len(call))
-    mf, mk, mm = h.mass(fused)[rows, call], h.mass(p_knn)[rows, call], h.mass(p_marker)[rows, call]
+    cols = h.member[:, call].T  # [n, n_cand]: candidates under each cell's called node
+    mf, mk, mm = ((p * cols).sum(axis=1) for p in (fused, p_knn, p_marker))
     kl, ml = p_knn.argmax(axis=1), p_marker.argmax(axis=1)
     agree = h.member[kl, call] & h.member[ml, call]
     return np.column_stack([_logit(mf), _logit(mk), _logit(mm), agree, o, coarse]).astype(np.float64)

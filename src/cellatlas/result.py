@@ -20,6 +20,45 @@ REVIEW = 0.4
 N_ALTERNATES = 3
 
 
+class Alternates:
+    """Runner-up labels per cell, held as arrays and read as ``[(label, score), ...]`` lists.
+
+    ``labels`` is an object array ``[n, k]`` (``""`` for no alternate), ``scores`` a float
+    array ``[n, k]``. Indexing gives one cell's list; assignment replaces it.
+    """
+
+    def __init__(self, labels: np.ndarray, scores: np.ndarray):
+        self.labels = np.asarray(labels, dtype=object)
+        self.scores = np.asarray(scores, dtype=np.float32)
+
+    @classmethod
+    def from_lists(cls, lists: list[list[tuple[str, float]]], k: int = N_ALTERNATES) -> "Alternates":
+        labels = np.full((len(lists), k), "", dtype=object)
+        scores = np.full((len(lists), k), np.nan, dtype=np.float32)
+        for i, alts in enumerate(lists):
+            for j, (lab, sc) in enumerate(alts[:k]):
+                labels[i, j], scores[i, j] = lab, sc
+        return cls(labels, scores)
+
+    def __len__(self) -> int:
+        return self.labels.shape[0]
+
+    def __getitem__(self, i: int) -> list[tuple[str, float]]:
+        return [(str(lab), float(sc)) for lab, sc in zip(self.labels[i], self.scores[i]) if lab != ""]
+
+    def __setitem__(self, i: int, alts: list[tuple[str, float]]) -> None:
+        self.labels[i] = ""
+        self.scores[i] = np.nan
+        for j, (lab, sc) in enumerate(alts[: self.labels.shape[1]]):
+            self.labels[i, j], self.scores[i, j] = lab, sc
+
+    def __iter__(self):
+        return (self[i] for i in range(len(self)))
+
+    def __eq__(self, other) -> bool:
+        return list(self) == list(other)
+
+
 def band_of(confidence: np.ndarray) -> np.ndarray:
     """Map confidence to ``confident`` (>= 0.7), ``review`` (0.4-0.7) or ``low`` (< 0.4)."""
     c = np.asarray(confidence, dtype=float)
@@ -45,7 +84,8 @@ class AnnotationResult:
     level
         ``fine`` or ``coarse`` (rolled up to the parent because only that level agreed).
     alternates
-        Up to three runner-up ``(label, score)`` pairs per cell.
+        Up to three runner-up ``(label, score)`` pairs per cell (:class:`Alternates`;
+        a list of lists is converted).
     markers
         The label's marker genes this cell expresses, strongest first.
     knn_label, knn_prob
@@ -72,7 +112,7 @@ class AnnotationResult:
     ontology_id: np.ndarray
     confidence: np.ndarray
     level: np.ndarray
-    alternates: list[list[tuple[str, float]]]
+    alternates: Alternates
     markers: list[list[str]]
     knn_label: np.ndarray
     knn_prob: np.ndarray
@@ -86,6 +126,10 @@ class AnnotationResult:
     gene_report: dict[str, Any] = field(default_factory=dict)
     provenance: dict[str, Any] = field(default_factory=dict)
 
+    def __post_init__(self) -> None:
+        if not isinstance(self.alternates, Alternates):
+            self.alternates = Alternates.from_lists(list(self.alternates))
+
     @property
     def band(self) -> np.ndarray:
         return band_of(self.confidence)
@@ -96,14 +140,9 @@ class AnnotationResult:
     # ------------------------------------------------------------------ views
     def to_dataframe(self) -> pd.DataFrame:
         """One row per cell, indexed by cell id."""
-        alt = {
-            f"alternate_{k + 1}": [a[k][0] if len(a) > k else "" for a in self.alternates]
-            for k in range(N_ALTERNATES)
-        }
-        alt_s = {
-            f"alternate_{k + 1}_score": [a[k][1] if len(a) > k else np.nan for a in self.alternates]
-            for k in range(N_ALTERNATES)
-        }
+        k_max = self.alternates.labels.shape[1]
+        alt = {f"alternate_{k + 1}": self.alternates.labels[:, k] for k in range(k_max)}
+        alt_s = {f"alternate_{k + 1}_score": self.alternates.scores[:, k].astype(float) for k in range(k_max)}
         df = pd.DataFrame(
             {
                 "cell_type": self.label,
@@ -237,7 +276,9 @@ class AnnotationResult:
             ontology_id=cat("ontology_id"),
             confidence=cat("confidence"),
             level=cat("level"),
-            alternates=[a for p in parts for a in p.alternates],
+            alternates=Alternates(
+                np.concatenate([p.alternates.labels for p in parts]), np.concatenate([p.alternates.scores for p in parts])
+            ),
             markers=[m for p in parts for m in p.markers],
             knn_label=cat("knn_label"),
             knn_prob=cat("knn_prob"),

@@ -23,6 +23,7 @@ from cellatlas.encoders import get_encoder
 from cellatlas.encoders.default import DefaultEncoder
 from cellatlas.errors import AtlasModelMismatchError, GeneMismatchError
 from cellatlas.markers import compile_markers, rank_scores, score_markers
+from cellatlas.result import Alternates
 
 MIN_SHARED_PANEL = 0.05
 """Fewest fraction of the atlas panel a query must share (and at least MIN_SHARED_GENES)."""
@@ -202,12 +203,13 @@ class AtlasRuntime:
     # ------------------------------------------------------------------ scoring
     def score(self, counts: sp.csr_matrix) -> Scored:
         """Score one chunk of cells (rows of ``counts`` over ``self.genes``)."""
-        emb = self.encoder.embed(counts, self.genes)
+        sub = counts[:, self.q_cols].tocsr()
+        # The default encoder's genes are a subset of the universe: slice the matrix once.
+        emb = self.encoder.embed(sub, self.universe) if self.model == "default" else self.encoder.embed(counts, self.genes)
         k = min(fusion.K_NEIGHBOURS, self.index.ntotal)
         sim, idx = self.index.search(np.ascontiguousarray(emb), k)
         p_ref = fusion.knn_vote(sim, idx, self.ref_codes, len(self.ref_to_cand), self.dist["bandwidth"])
         z, o = fusion.ood_score((1.0 - sim).mean(axis=1), self.dist["median"], self.dist["mad"])
-        sub = counts[:, self.q_cols]
         ranks = rank_scores(sub)
         raw = score_markers(ranks, self.compiled, ranked=True)
         depth = np.asarray(sub.sum(axis=1)).ravel()
@@ -257,7 +259,7 @@ class AtlasRuntime:
                 out[i] = row[k].tolist()
         return out
 
-    def alternates(self, sc: Scored, n: int = 3) -> list[list[tuple[str, float]]]:
+    def alternates(self, sc: Scored, n: int = 3) -> Alternates:
         """Up to ``n`` runner-up candidate labels with their fused probabilities."""
         top = np.argsort(-sc.fused, axis=1)[:, : n + 1]
         # Drop the called label where it is among the top; otherwise drop the last.
@@ -266,6 +268,4 @@ class AtlasRuntime:
         keep = np.ones_like(top, dtype=bool)
         keep[np.arange(len(top)), drop] = False
         alt = top[keep].reshape(len(top), n)
-        labels = np.asarray(self.candidates, dtype=object)[alt].tolist()
-        scores = np.take_along_axis(sc.fused, alt, axis=1).tolist()
-        return [list(zip(lab, sco)) for lab, sco in zip(labels, scores)]
+        return Alternates(np.asarray(self.candidates, dtype=object)[alt], np.take_along_axis(sc.fused, alt, axis=1))
