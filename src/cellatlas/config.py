@@ -31,6 +31,10 @@ class Settings(BaseSettings):
     """Pricing: one credit per started block of this many cells."""
     fallback_model: str | None = None
     """If set (e.g. ``default``), a request for an unavailable model runs on this one, marked in provenance."""
+    workspace_max_upload_bytes: int = 1024**3
+    """Largest file the browser workspace accepts (bigger datasets: the Python client's ``annotate_large``)."""
+    workspace_ttl_hours: float = 24.0
+    """Workspace sessions (uploads, results) idle for longer are deleted."""
 
     @property
     def resolved_atlas_dir(self) -> Path:

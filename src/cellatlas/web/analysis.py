@@ -1,0 +1,175 @@
+"""Per-cell QC metrics and marker dot-plot statistics computed from the uploaded counts.
+
+Pure functions over plain arrays: no HTTP, no session state.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import numpy as np
+import scipy.sparse as sp
+
+MITO_PREFIXES = ("MT-",)
+
+
+@dataclass
+class QCFlags:
+    """Per-cell QC metrics and flags. Cells are flagged, never removed.
+
+    Attributes
+    ----------
+    total_counts, mito_fraction
+        Per-cell sums over all genes and the share of mitochondrial (``MT-``) genes
+        (``NaN`` when the data have no mitochondrial genes).
+    qc_pass
+        ``True`` where the cell passes every filter that was set.
+    reasons
+        ``""``, ``"low_counts"``, ``"high_mito"`` or ``"low_counts;high_mito"``.
+    summary
+        JSON-ready dict: thresholds, counts of flagged cells, notes.
+    """
+
+    total_counts: np.ndarray
+    mito_fraction: np.ndarray
+    qc_pass: np.ndarray
+    reasons: np.ndarray
+    summary: dict[str, Any]
+
+
+def mito_mask(genes: Sequence[str], symbols: Sequence[str | None] | None = None) -> np.ndarray:
+    """Boolean mask of mitochondrial genes (``MT-``/``mt-`` prefix on the symbol or the input name)."""
+    names = [str(s) if s else str(g) for g, s in zip(genes, symbols)] if symbols is not None else [str(g) for g in genes]
+    return np.array([n.upper().startswith(MITO_PREFIXES) for n in names], dtype=bool)
+
+
+def qc_flags(
+    X: sp.spmatrix | np.ndarray,
+    genes: Sequence[str],
+    symbols: Sequence[str | None] | None = None,
+    *,
+    min_counts: float | None = None,
+    max_mito_fraction: float | None = None,
+) -> QCFlags:
+    """Compute total counts and mitochondrial fraction per cell and flag cells outside the limits.
+
+    Parameters
+    ----------
+    X
+        Cells x genes matrix as uploaded (raw counts expected).
+    genes, symbols
+        Input gene names and, optionally, their mapped HGNC symbols (``None`` = unmapped).
+    min_counts
+        Flag cells whose total counts are below this (``None``: no count filter).
+    max_mito_fraction
+        Flag cells whose mitochondrial fraction is above this, in [0, 1] (``None``: no filter).
+        If the data contain no mitochondrial genes the filter cannot apply; this is said in
+        ``summary["notes"]`` and no cell is flagged for it.
+    """
+    X = sp.csr_matrix(X) if not sp.issparse(X) else X.tocsr()
+    total = np.asarray(X.sum(axis=1)).ravel().astype(np.float64)
+    mask = mito_mask(genes, symbols)
+    notes: list[str] = []
+    if mask.any():
+        mito = np.asarray(X[:, np.flatnonzero(mask)].sum(axis=1)).ravel()
+        with np.errstate(divide="ignore", invalid="ignore"):
+            frac = np.where(total > 0, mito / np.where(total > 0, total, 1), 0.0)
+    else:
+        frac = np.full(X.shape[0], np.nan)
+        if max_mito_fraction is not None:
+            notes.append("No mitochondrial (MT-) genes in the data: the mitochondrial filter was not applied.")
+    low = total < min_counts if min_counts is not None else np.zeros(X.shape[0], bool)
+    high = (frac > max_mito_fraction) if (max_mito_fraction is not None and mask.any()) else np.zeros(X.shape[0], bool)
+    reasons = np.array(
+        [";".join(r for r, f in (("low_counts", lo), ("high_mito", hi)) if f) for lo, hi in zip(low, high)], dtype=object
+    )
+    summary = {
+        "min_counts": min_counts,
+        "max_mito_fraction": max_mito_fraction,
+        "n_mito_genes": int(mask.sum()),
+        "n_flagged": int((low | high).sum()),
+        "n_low_counts": int(low.sum()),
+        "n_high_mito": int(high.sum()),
+        "median_total_counts": float(np.median(total)) if total.size else 0.0,
+        "median_mito_fraction": float(np.nanmedian(frac)) if mask.any() and total.size else None,
+        "notes": notes,
+    }
+    return QCFlags(total, frac, ~(low | high), reasons, summary)
+
+
+def expression_for_genes(X: sp.spmatrix | np.ndarray, columns: Sequence[int], *, values: str = "counts") -> sp.csr_matrix:
+    """Expression of the selected gene columns on a log1p(CP10k) scale.
+
+    Parameters
+    ----------
+    X
+        Cells x genes matrix as uploaded.
+    columns
+        Column indices to keep.
+    values
+        ``"counts"``: normalise each cell to 10,000 counts over *all* genes, then log1p.
+        Anything else (already normalised input): the values are used as they are.
+    """
+    X = sp.csr_matrix(X) if not sp.issparse(X) else X.tocsr()
+    sub = X[:, np.asarray(columns, dtype=np.int64)].astype(np.float32).tocsr()
+    if values == "counts":
+        total = np.asarray(X.sum(axis=1)).ravel()
+        scale = np.where(total > 0, 1e4 / np.where(total > 0, total, 1), 0.0).astype(np.float32)
+        sub = sp.diags(scale) @ sub
+        sub.data = np.log1p(sub.data)
+    return sp.csr_matrix(sub)
+
+
+def dotplot_stats(expr: sp.csr_matrix, groups: Sequence[str], order: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+    """Per group: fraction of cells expressing each gene and the mean expression.
+
+    Parameters
+    ----------
+    expr
+        Cells x genes expression (e.g. from :func:`expression_for_genes`).
+    groups
+        Group (label) of each cell.
+    order
+        Groups to report, one row each (a group with no cells gets zeros).
+
+    Returns
+    -------
+    fraction, mean
+        Arrays of shape ``[len(order), n_genes]``.
+    """
+    groups = np.asarray(groups, dtype=object)
+    index = {g: i for i, g in enumerate(order)}
+    rows = np.array([index.get(g, -1) for g in groups])
+    keep = rows >= 0
+    onehot = sp.csr_matrix(
+        (np.ones(int(keep.sum()), np.float32), (rows[keep], np.flatnonzero(keep))), shape=(len(order), expr.shape[0])
+    )
+    n = np.asarray(onehot.sum(axis=1)).ravel()
+    n_safe = np.where(n > 0, n, 1)[:, None]
+    positive = expr.copy()
+    positive.data = (positive.data > 0).astype(np.float32)
+    frac = np.asarray((onehot @ positive).todense()) / n_safe
+    mean = np.asarray((onehot @ expr).todense()) / n_safe
+    return frac, mean
+
+
+def marker_genes_for(
+    labels: Sequence[str], marker_sets: dict[str, dict[str, Any]], available: set[str], per_label: int = 3
+) -> list[tuple[str, str]]:
+    """Up to ``per_label`` positive markers per label that exist in the data, as ``(label, gene)`` pairs.
+
+    A gene is listed once, under the first label that claims it.
+    """
+    out: list[tuple[str, str]] = []
+    seen: set[str] = set()
+    for lab in labels:
+        k = 0
+        for g in (marker_sets.get(lab) or {}).get("positive", []):
+            if g in available and g not in seen:
+                out.append((lab, g))
+                seen.add(g)
+                k += 1
+                if k >= per_label:
+                    break
+    return out

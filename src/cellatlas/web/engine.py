@@ -1,0 +1,243 @@
+"""The workspace's only door into the engine: reading uploads, facts, choices, annotation.
+
+Everything here calls the same public functions as the Python API and the HTTP
+service (``cellatlas.io``, ``cellatlas.genes``, ``cellatlas.atlas``,
+``cellatlas.encoders``, ``cellatlas.annotate``), so the browser gets exactly the
+calls a script would.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import scipy.sparse as sp
+
+from cellatlas.config import Settings
+from cellatlas.errors import CellAtlasError, InputError
+
+log = logging.getLogger("cellatlas.web")
+ProgressFn = Callable[[str, float], None]
+MIN_PROGRESS_CHUNK = 5000
+
+
+@dataclass
+class Dataset:
+    """An uploaded dataset as the engine sees it.
+
+    Attributes
+    ----------
+    adata
+        The file as read (kept to write the annotated ``.h5ad``).
+    X, genes, cell_ids
+        Counts (cells x genes, CSR) and the names the engine annotates.
+    source
+        Where the counts came from (``X``, ``raw`` or a layer), as ``counts_from_adata`` says.
+    mapping
+        ``map_genes(genes)``: ``.symbols`` (mapped HGNC symbol per gene, ``None`` where unmapped).
+    mapping_report
+        ``mapping.report()``.
+    value_type
+        ``io.detect_values(X)``: ``counts``, ``lognorm``, ...
+    """
+
+    adata: Any
+    X: sp.csr_matrix
+    genes: list[str]
+    cell_ids: list[str]
+    source: str
+    mapping: Any
+    mapping_report: dict[str, Any]
+    value_type: str
+
+    @property
+    def symbols(self) -> list[str | None]:
+        """Mapped HGNC symbol per gene (``None`` where unmapped)."""
+        return list(self.mapping.symbols)
+
+
+def load_dataset(path: Path, display_name: str) -> Dataset:
+    """Read an uploaded file and map its genes.
+
+    Raises
+    ------
+    InputError
+        The file cannot be read as the format its name says, or holds no cells/genes.
+    """
+    from cellatlas import genes as genes_mod
+    from cellatlas import io
+
+    try:
+        adata = io.read(path)
+    except CellAtlasError:
+        raise
+    except Exception as e:  # any parser failure is a bad file, said plainly
+        raise InputError(
+            f"Could not read '{display_name}' as {_format_word(path)}: {type(e).__name__}: {e}".rstrip(": "),
+            fix=_FORMAT_FIX,
+            field="file",
+        ) from e
+    X, genes, cell_ids, source = io.counts_from_adata(adata)
+    if X.shape[0] == 0 or X.shape[1] == 0:
+        raise InputError(
+            f"'{display_name}' holds {X.shape[0]} cells and {X.shape[1]} genes; there is nothing to annotate.",
+            fix="Upload a file with at least one cell and its gene expression values.",
+            field="file",
+        )
+    mapping = genes_mod.map_genes(list(genes))
+    return Dataset(
+        adata=adata,
+        X=X,
+        genes=[str(g) for g in genes],
+        cell_ids=[str(c) for c in cell_ids],
+        source=source,
+        mapping=mapping,
+        mapping_report=mapping.report(),
+        value_type=str(io.detect_values(X)),
+    )
+
+
+def dataset_facts(ds: Dataset, atlases: Sequence[dict[str, Any]], settings: Settings) -> dict[str, Any]:
+    """What the page shows before a run: sizes, id type, species, values and coverage per atlas.
+
+    ``coverage[atlas]`` is :func:`cellatlas.genes.coverage` of the atlas panel plus the
+    engine's own verdict (``ok``; ``problem`` holds its message and fix when the run
+    would be refused for too few shared genes).
+    """
+    from cellatlas.atlas import load_atlas
+    from cellatlas.genes import check_coverage, coverage
+    from cellatlas.runtime import MIN_SHARED_GENES, MIN_SHARED_PANEL
+
+    cov = {}
+    for info in atlases:
+        if not info.get("usable", True):
+            continue
+        panel = load_atlas(info["name"], settings).panel
+        entry = dict(coverage(ds.mapping.symbols, panel), ok=True, problem=None)
+        try:
+            check_coverage(ds.mapping, panel, min_fraction=MIN_SHARED_PANEL, min_genes=MIN_SHARED_GENES)
+        except CellAtlasError as e:
+            entry.update(ok=False, problem={"message": e.message, "fix": e.fix})
+        cov[info["name"]] = entry
+    rep = ds.mapping_report
+    n_cells, n_genes = ds.X.shape
+    return {
+        "n_cells": int(n_cells),
+        "n_genes": int(n_genes),
+        "id_type": rep.get("id_type", "unknown"),
+        "species": rep.get("species", "unknown"),
+        "n_genes_mapped": int(rep.get("n_mapped", 0)),
+        "fraction_genes_mapped": float(rep.get("fraction_mapped", 0.0)),
+        "value_type": ds.value_type,
+        "source": ds.source,
+        "density": round(ds.X.nnz / max(n_cells * n_genes, 1), 4),
+        "median_genes_per_cell": float(np.median(np.diff(ds.X.indptr))) if n_cells else 0.0,
+        "example_genes": ds.genes[:6],
+        "read_notes": [str(x) for x in _read_notes(ds.adata)],
+        "mapping": rep,
+        "coverage": cov,
+    }
+
+
+def choices(settings: Settings) -> dict[str, Any]:
+    """Models and atlases this server offers, with a usable default of each."""
+    from cellatlas.atlas import list_atlases
+    from cellatlas.encoders import available_models
+
+    models = [dict(m) for m in available_models(settings)]
+    atlases = [dict(a) for a in list_atlases(settings)]
+    usable_m = [m["name"] for m in models if m.get("usable")]
+    usable_a = [a["name"] for a in atlases if a.get("usable", True)]
+    return {
+        "models": models,
+        "atlases": atlases,
+        "default_model": "default" if "default" in usable_m else (usable_m[0] if usable_m else None),
+        "default_atlas": "human-core" if "human-core" in usable_a else (usable_a[0] if usable_a else None),
+    }
+
+
+def annotate_dataset(ds: Dataset, *, model: str, atlas: str, settings: Settings, progress: ProgressFn, n_steps: int = 5):
+    """Annotate every cell with :func:`cellatlas.annotate`, reporting progress after each chunk.
+
+    Chunks are at least :data:`MIN_PROGRESS_CHUNK` cells (smaller ones cost more than the
+    progress bar is worth) and at most ``settings.chunk_size``.
+
+    Returns
+    -------
+    AnnotationResult
+    """
+    import cellatlas
+    from cellatlas.atlas import load_atlas
+
+    n = ds.X.shape[0]
+    chunk = min(settings.chunk_size, max(MIN_PROGRESS_CHUNK, math.ceil(n / n_steps)))
+    progress(f"Annotating {n:,} cells", 0.0)
+    return cellatlas.annotate(
+        ds.X,
+        ds.genes,
+        model=model,
+        atlas=load_atlas(atlas, settings),
+        cell_ids=ds.cell_ids,
+        chunk_size=chunk,
+        progress=lambda done, total: progress(f"Annotated {done:,} of {total:,} cells", done / max(total, 1)),
+    )
+
+
+_FORMAT_FIX = (
+    "Check the file: an AnnData .h5ad, a 10x Genomics .h5 (filtered_feature_bc_matrix.h5), a .zip holding "
+    "matrix.mtx(.gz) with features.tsv/genes.tsv and barcodes.tsv, or a CSV with cells as rows, genes as columns "
+    "and cell ids in the first column."
+)
+
+
+def _format_word(path: Path) -> str:
+    from cellatlas.web.sessions import ACCEPTED_SUFFIXES, upload_suffix
+
+    try:
+        return ACCEPTED_SUFFIXES[upload_suffix(path.name)]
+    except CellAtlasError:
+        return "a supported format"
+
+
+def _read_notes(adata) -> list:
+    io_info = adata.uns.get("cellatlas_io", {}) if hasattr(adata, "uns") else {}
+    notes = io_info.get("notes", []) if isinstance(io_info, dict) else []
+    return list(notes) if not isinstance(notes, str) else [notes]
+
+
+_warm_lock = threading.Lock()
+_warmed: set[str] = set()
+
+
+def warm_up(settings: Settings, atlas: str | None) -> None:
+    """Load the gene tables and ``atlas`` and annotate a few of its reference cells, in a thread.
+
+    Called when the page first asks for its configuration, so the engine is warm by
+    the time a file is uploaded (the first annotation after a server start otherwise
+    pays for loading tables, the atlas and the encoder). Runs once per atlas.
+    """
+    if not atlas:
+        return
+    with _warm_lock:
+        if atlas in _warmed:
+            return
+        _warmed.add(atlas)
+
+    def _run() -> None:
+        import cellatlas
+        from cellatlas.atlas import load_atlas
+        from cellatlas.genes import load_tables
+
+        try:
+            load_tables()
+            at = load_atlas(atlas, settings)
+            cellatlas.annotate(at.reference_counts()[:20], at.ref_genes, atlas=at)
+        except Exception:  # warming is best effort; a real run reports any problem itself
+            log.debug("workspace warm-up of %s failed", atlas, exc_info=True)
+
+    threading.Thread(target=_run, name="cellatlas-warm-up", daemon=True).start()
