@@ -10,6 +10,7 @@ hierarchy, marker sets compiled against the query's genes and the calibration.
 
 from __future__ import annotations
 
+import zlib
 from dataclasses import dataclass
 from typing import Any, Sequence
 
@@ -238,8 +239,9 @@ class AtlasRuntime:
         for i in np.nonzero(sc.novel | np.isin(sc.call, np.nonzero(self.marker_only)[0]))[0]:
             a = anchors.get(names[sc.call[i]]) or anchors.get("__novel__")
             if a is not None:
-                jitter = ((hash((i, 7)) % 1000) / 1000.0 - 0.5, (hash((i, 13)) % 1000) / 1000.0 - 0.5)
-                xy[i] = (a[0] + jitter[0], a[1] + jitter[1])
+                # Deterministic per cell (not per chunk position): seeded by the cell's embedding.
+                h = zlib.crc32(sc.embedding[i].tobytes())
+                xy[i] = (a[0] + (h % 1000) / 1000.0 - 0.5, a[1] + (h // 1000 % 1000) / 1000.0 - 0.5)
         return xy.astype(np.float32)
 
     def expressed_markers(self, sc: Scored, n_top: int = 10) -> list[list[str]]:
