@@ -168,3 +168,14 @@ def test_embed(pbmc_small):
     assert emb.shape[0] == pbmc_small.n_obs and lay.shape == (pbmc_small.n_obs, 2)
     np.testing.assert_allclose(np.linalg.norm(emb, axis=1), 1.0, rtol=1e-4)
     assert report["panel_coverage"] > 0.9
+
+
+def test_unknown_and_unavailable_models(pbmc_small, isolated_home):
+    from cellatlas.errors import ModelUnavailableError, UnknownModelError
+
+    with pytest.raises(UnknownModelError) as e:
+        cellatlas.annotate(pbmc_small.X[:5], list(pbmc_small.var_names), model="gpt-cell")
+    assert e.value.status_code == 404
+    with pytest.raises(ModelUnavailableError) as e:  # no weights in the fresh CELLATLAS_HOME
+        cellatlas.annotate(pbmc_small.X[:5], list(pbmc_small.var_names), model="geneformer")
+    assert e.value.status_code == 409 and "geneformer" in e.value.message.lower()

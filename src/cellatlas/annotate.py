@@ -20,6 +20,8 @@ from cellatlas.atlas import DEFAULT_ATLAS, Atlas, load_atlas
 from cellatlas.config import get_settings
 from cellatlas.query import Query, prepare_query
 from cellatlas.result import AnnotationResult
+from cellatlas.encoders import model_status
+from cellatlas.errors import ModelUnavailableError
 from cellatlas.genes import check_coverage
 from cellatlas.runtime import MIN_SHARED_GENES, MIN_SHARED_PANEL, AtlasRuntime
 
@@ -59,6 +61,7 @@ def annotate_query(
     t0 = time.perf_counter()
     model = (model or DEFAULT_MODEL).lower()
     at = load_atlas(atlas)
+    _check_model(model, model_path)
     if model == DEFAULT_MODEL and query.mapping is not None:
         # Names the likely cause (barcodes as genes, unmapped ids, wrong species, ...).
         check_coverage(query.mapping, at.panel, min_fraction=MIN_SHARED_PANEL, min_genes=MIN_SHARED_GENES)
@@ -94,6 +97,17 @@ def annotate_query(
         "bands": {"confident": 0.7, "review": 0.4},
     }
     return res
+
+
+def _check_model(model: str, model_path) -> None:
+    """Unknown name -> 404; known but not runnable here -> 409 with how to install it."""
+    status = model_status(model, model_path=model_path)  # raises UnknownModelError
+    if not status["usable"]:
+        raise ModelUnavailableError(
+            f"Model '{model}' cannot run here: {status['reason']}",
+            fix=f"Install its weights (see `cellatlas models list` and docs/foundation.md) or use model='{DEFAULT_MODEL}'.",
+            field="model",
+        )
 
 
 def _annotate_chunk(rt: AtlasRuntime, query: Query, rows: slice) -> AnnotationResult:
@@ -186,7 +200,9 @@ def embed(
     """Embeddings and atlas-layout coordinates of cells, with the gene report."""
     query = prepare_query(X, genes, kwargs.pop("cell_ids", None), **kwargs)
     at = load_atlas(atlas)
-    rt = get_runtime(at, (model or DEFAULT_MODEL).lower(), query.genes, model_path)
+    model = (model or DEFAULT_MODEL).lower()
+    _check_model(model, model_path)
+    rt = get_runtime(at, model, query.genes, model_path)
     size = get_settings().chunk_size
     embs, lays = [], []
     for start in range(0, query.n_cells, size):
