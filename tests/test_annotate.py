@@ -179,3 +179,26 @@ def test_unknown_and_unavailable_models(pbmc_small, isolated_home):
     with pytest.raises(ModelUnavailableError) as e:  # no weights in the fresh CELLATLAS_HOME
         cellatlas.annotate(pbmc_small.X[:5], list(pbmc_small.var_names), model="geneformer")
     assert e.value.status_code == 409 and "geneformer" in e.value.message.lower()
+
+
+def test_cells_of_a_type_missing_from_the_atlas_are_flagged(pbmc3k):
+    """Drop B cells from the reference (and from the candidates): Kang's B cells must be flagged.
+
+    Labels are mapped onto the curated vocabulary, as the built-in atlas does: curated
+    markers (with negatives) are what tell "no label fits" apart from "a similar label fits".
+    """
+    import anndata as ad
+
+    from cellatlas.atlas_build import build_atlas
+    from scripts.build_builtin_atlas import PBMC3K_TO_CORE
+
+    kang = ad.read_h5ad(shared_file("datasets", "human_pbmc_kang2018_muscat_subset.h5ad"))
+    ref = pbmc3k[pbmc3k.obs["cell_type"] != "B"].copy()
+    at = build_atlas(ref, "cell_type", name="minus-b", label_map=PBMC3K_TO_CORE, calibrate_folds=0, layout="pca")
+    assert "B cell" not in at.meta["candidates"]
+    res = cellatlas.annotate(kang, atlas=at)
+    truth = kang.obs["cell_type"].astype(str).to_numpy()
+    b = truth == "B cells"
+    flagged = res.novel | (res.band == "low")
+    assert flagged[b].mean() > 0.7
+    assert flagged[~b].mean() < 0.12
