@@ -41,7 +41,7 @@ def test_hierarchy_rolls_up_when_only_parent_is_supported():
     parents = {"naive": "CD4", "memory": "CD4", "CD4": "T", "T": "Lymph", "B": "Lymph"}
     h = Hierarchy.build(["naive", "memory", "B"], parents)
     assert h.nodes[:3] == ["naive", "memory", "B"]
-    fused = np.array([[0.45, 0.45, 0.10], [0.9, 0.05, 0.05], [0.3, 0.3, 0.4]])
+    fused = np.array([[0.35, 0.35, 0.30], [0.9, 0.05, 0.05], [0.3, 0.3, 0.4]])
     call, coarse = fusion.hierarchical_call(fused, h)
     names = [h.nodes[c] for c in call]
     assert names == ["CD4", "naive", "CD4"]

@@ -31,6 +31,8 @@ from cellatlas.runtime import AtlasRuntime, neighbour_stats
 GROUP_KEYS = ("donor", "batch", "sample", "sample_id")
 MIN_CELLS_PER_LABEL = 5
 MIN_MARKERS = 3
+RICH_CURATED = 5
+"""A label with this many curated positive markers keeps only those (plus derived negatives)."""
 """A marker-defined label needs this many positive markers of its own to be a candidate."""
 
 
@@ -111,6 +113,13 @@ def assemble(
     rows, parents = _label_rows(ref_labels, list(marker_labels), ontology or {})
     curated = load_curated_markers()
     derived = derive_markers(query.counts, query.genes, labels)
+    # Curated signatures stand alone where they are rich; reference-derived genes only fill
+    # labels the curation covers thinly (small reference groups give noisy genes, e.g.
+    # stromal transcripts among the markers derived for 14 platelets).
+    derived = {
+        lab: d if len(curated.get(lab, {}).get("positive", [])) < RICH_CURATED else {"positive": [], "negative": d.get("negative", [])}
+        for lab, d in derived.items()
+    }
     base = merge_markers(curated, derived)
     # Grouping nodes (parents in the label table) are roll-up targets, never candidates:
     # as candidates they would out-score their own children.

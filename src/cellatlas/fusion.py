@@ -17,7 +17,7 @@ import numpy as np
 K_NEIGHBOURS = 15
 MARKER_TEMPERATURE = 0.5
 """Softmax temperature of standardised marker scores (1 = the gap between a label's own cells and others)."""
-CALL_THRESHOLD = 0.5
+CALL_THRESHOLD = 0.4
 """A node is called when its fused probability mass reaches this."""
 OOD_Z = 3.0
 """Robust z of the neighbour distance above which a cell is out of the atlas's range."""
@@ -101,9 +101,14 @@ def spread_knn(p_ref: np.ndarray, ref_to_cand: np.ndarray, o: np.ndarray, p_mark
     return p
 
 
-def fuse(p_knn: np.ndarray, p_marker: np.ndarray) -> np.ndarray:
-    """Geometric mean of the two signals, renormalised."""
-    f = np.sqrt((p_knn + EPS) * (p_marker + EPS))
+MARKER_WEIGHT = 0.5
+"""Weight of the marker signal in the geometric mean (0.35 measured no better on the cross-dataset splits)."""
+
+
+def fuse(p_knn: np.ndarray, p_marker: np.ndarray, marker_weight: float | None = None) -> np.ndarray:
+    """Weighted geometric mean of the two signals, renormalised."""
+    w = MARKER_WEIGHT if marker_weight is None else marker_weight
+    f = (p_knn + EPS) ** (1.0 - w) * (p_marker + EPS) ** w
     return f / f.sum(axis=1, keepdims=True)
 
 

@@ -97,18 +97,18 @@ def prepare_query(
 
     mapping = _map_cached(tuple(genes), species)
     symbols = mapping.symbols
-    keep = np.array([s is not None for s in symbols])
-    kept = [s for s in symbols if s is not None]
-    unique, inverse = np.unique(np.asarray(kept, dtype=object), return_inverse=True)
+    keep = np.array([sym is not None for sym in symbols])
+    unique, first, inverse = np.unique(
+        np.asarray([sym for sym in symbols if sym is not None], dtype=object), return_index=True, return_inverse=True
+    )
     cols = np.nonzero(keep)[0]
-    if len(unique) < len(kept):
+    merged = counts[:, cols[first]].tocsr()  # one column per symbol (its first column)
+    extra = np.setdiff1d(np.arange(len(cols)), first)
+    if len(extra):  # columns mapping to an already taken symbol are summed into it
         agg = sp.csr_matrix(
-            (np.ones(len(cols), dtype=np.float32), (cols, inverse)), shape=(counts.shape[1], len(unique))
+            (np.ones(len(extra), dtype=np.float32), (np.arange(len(extra)), inverse[extra])), shape=(len(extra), len(unique))
         )
-        merged = (counts @ agg).tocsr()
-    else:
-        order = np.argsort(inverse)
-        merged = counts[:, cols[order]].tocsr()
+        merged = (merged + counts[:, cols[extra]] @ agg).tocsr()
     report = dict(mapping.report())
     report.update(
         {
@@ -118,7 +118,7 @@ def prepare_query(
             "n_genes_input": len(genes),
             "n_genes_used": int(len(unique)),
             "n_genes_unmapped": int((~keep).sum()),
-            "n_columns_merged": int(len(kept) - len(unique)),
+            "n_columns_merged": int(len(extra)),
         }
     )
     return Query(merged, [str(g) for g in unique], cell_ids, report, mapping)
