@@ -13,7 +13,6 @@ import argparse
 import time
 from pathlib import Path
 
-import anndata as ad
 
 from cellatlas.atlas_build import build_atlas
 

@@ -1,11 +1,9 @@
 import numpy as np
 import pandas as pd
 import pytest
-import scipy.sparse as sp
 
 import cellatlas
 from cellatlas.errors import GeneMismatchError, InputError
-from cellatlas.gene_tables import load_tables  # noqa: F401  (tables used by the mouse test)
 from tests.conftest import shared_file
 
 BLOOD_LINEAGE = "immune"

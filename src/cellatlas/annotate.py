@@ -206,9 +206,9 @@ def embed(
     size = get_settings().chunk_size
     embs, lays = [], []
     for start in range(0, query.n_cells, size):
-        sc = rt.score(query.counts[start : start + size])
-        embs.append(sc.embedding)
-        lays.append(rt.layout(sc))
+        emb, lay = rt.place(query.counts[start : start + size])
+        embs.append(emb)
+        lays.append(lay)
     return np.concatenate(embs), np.concatenate(lays), {**query.report, **rt.report}
 
 

@@ -235,13 +235,27 @@ class AtlasRuntime:
         novel = misfit & ((s[rows, knn_cand] < NOVEL_NEIGHBOUR_FIT) | (z > NOVEL_Z))
         return Scored(emb, sim, idx, p_knn, p_marker, s, fused, call, coarse, z, o, feats, conf, novel, ranks)
 
+    def place(self, counts: sp.csr_matrix) -> tuple[np.ndarray, np.ndarray]:
+        """Embedding and neighbour-weighted layout position only (no marker scoring)."""
+        sub = counts[:, self.q_cols].tocsr()
+        emb = self.encoder.embed(sub, self.universe) if self.model == "default" else self.encoder.embed(counts, self.genes)
+        sim, idx = self.index.search(np.ascontiguousarray(emb), min(fusion.K_NEIGHBOURS, self.index.ntotal))
+        return emb, self._neighbour_layout(sim, idx)
+
     # ------------------------------------------------------------------ per-cell details
-    def layout(self, sc: Scored) -> np.ndarray:
-        """Query positions: kernel-weighted mean of the neighbours' layout positions."""
-        d = 1.0 - sc.sim
+    def _neighbour_layout(self, sim: np.ndarray, idx: np.ndarray) -> np.ndarray:
+        d = 1.0 - sim
         w = np.exp(-(d - d[:, :1]) / max(self.dist["bandwidth"], 1e-3))
         w /= w.sum(axis=1, keepdims=True)
-        xy = np.einsum("nk,nkd->nd", w, self.layout_ref[sc.idx])
+        return np.einsum("nk,nkd->nd", w, self.layout_ref[idx])
+
+    def layout(self, sc: Scored) -> np.ndarray:
+        """Query positions: kernel-weighted mean of the neighbours' layout positions.
+
+        Cells called a label without reference cells (or flagged novel) are placed at that
+        label's anchor on a ring around the reference instead.
+        """
+        xy = self._neighbour_layout(sc.sim, sc.idx)
         anchors = self.atlas.meta.get("anchors", {})
         names = self.hierarchy.nodes
         for i in np.nonzero(sc.novel | np.isin(sc.call, np.nonzero(self.marker_only)[0]))[0]:
