@@ -194,31 +194,34 @@ class AnnotationResult:
         adata.uns["cellatlas"] = _jsonable({"provenance": self.provenance, "gene_report": self.gene_report})
 
     def to_calls(self, evidence: bool = True) -> list[dict[str, Any]]:
-        """The wire format: one dict per cell, in input order."""
-        calls = []
-        conf = np.asarray(self.confidence, dtype=float)
-        band = self.band
-        for i in range(len(self)):
-            c: dict[str, Any] = {
-                "label": str(self.label[i]),
-                "confidence": round(float(conf[i]), 4),
-                "alternates": [{"label": str(lab), "score": round(float(s), 4)} for lab, s in self.alternates[i]],
-                "markers": list(self.markers[i]),
-                "band": str(band[i]),
-                "ontology_id": str(self.ontology_id[i]),
-                "level": str(self.level[i]),
-                "novel": bool(self.novel[i]),
-            }
-            if evidence:
-                c["evidence"] = {
-                    "knn_label": str(self.knn_label[i]),
-                    "knn_prob": round(float(self.knn_prob[i]), 4),
-                    "marker_label": str(self.marker_label[i]),
-                    "marker_score": round(float(self.marker_score[i]), 4),
-                    "agreement": bool(self.agreement[i]),
-                    "atlas_distance": round(float(self.distance[i]), 4),
-                }
-            calls.append(c)
+        """The wire format: one dict per cell, in input order (columns converted once, not per cell)."""
+
+        def col(a, digits=None):
+            a = np.asarray(a)
+            return np.round(a.astype(float), digits).tolist() if digits is not None else a.tolist()
+
+        alt_labels = self.alternates.labels.tolist()
+        alt_scores = col(self.alternates.scores, 4)
+        alternates = [
+            [{"label": str(lab), "score": sc} for lab, sc in zip(labs, scs) if lab != ""]
+            for labs, scs in zip(alt_labels, alt_scores)
+        ]
+        base = zip(
+            col(self.label), col(self.confidence, 4), alternates, self.markers, col(self.band),
+            col(self.ontology_id), col(self.level), col(np.asarray(self.novel, dtype=bool)),
+        )
+        calls = [
+            {"label": str(lab), "confidence": conf, "alternates": alts, "markers": list(mk), "band": band,
+             "ontology_id": str(oid), "level": str(lvl), "novel": nov}
+            for lab, conf, alts, mk, band, oid, lvl, nov in base
+        ]
+        if evidence:
+            ev = zip(
+                col(self.knn_label), col(self.knn_prob, 4), col(self.marker_label), col(self.marker_score, 4),
+                col(np.asarray(self.agreement, dtype=bool)), col(self.distance, 4),
+            )
+            for c, (kl, kp, ml, ms, ag, d) in zip(calls, ev):
+                c["evidence"] = {"knn_label": str(kl), "knn_prob": kp, "marker_label": str(ml), "marker_score": ms, "agreement": ag, "atlas_distance": d}
         return calls
 
     @classmethod

@@ -1,0 +1,67 @@
+import numpy as np
+import pandas as pd
+
+from cellatlas.result import Alternates, AnnotationResult, band_of
+
+
+def _result(n=5):
+    rng = np.random.default_rng(0)
+    labels = np.array(["B cell", "NK cell", "CD4 T cell", "B cell", "Platelet"][:n], dtype=object)
+    return AnnotationResult(
+        cell_ids=np.array([f"c{i}" for i in range(n)], dtype=object),
+        label=labels,
+        ontology_id=np.array(["CL:0000236", "CL:0000623", "CL:0000624", "CL:0000236", "CL:0000233"][:n], dtype=object),
+        confidence=rng.random(n).astype(np.float32),
+        level=np.array(["fine", "fine", "coarse", "fine", "fine"][:n], dtype=object),
+        alternates=[[("T cell", 0.2), ("NK cell", 0.1)], [], [("B cell", 0.3)], [("NK cell", 0.05)], [("B cell", 0.4)]][:n],
+        markers=[["MS4A1", "CD79A"], ["NKG7"], ["CD4"], [], ["PPBP"]][:n],
+        knn_label=labels.copy(),
+        knn_prob=rng.random(n).astype(np.float32),
+        marker_label=labels.copy(),
+        marker_score=rng.random(n).astype(np.float32),
+        agreement=np.array([True, True, False, True, False][:n]),
+        distance=rng.normal(size=n).astype(np.float32),
+        novel=np.array([False, False, False, False, True][:n]),
+    )
+
+
+def test_wire_roundtrip_keeps_every_field():
+    res = _result()
+    calls = res.to_calls()
+    assert [c["label"] for c in calls] == list(res.label)
+    assert calls[1]["alternates"] == [] and calls[0]["alternates"][0] == {"label": "T cell", "score": 0.2}
+    assert {"label", "confidence", "alternates", "markers", "band", "ontology_id", "level", "novel", "evidence"} <= set(calls[0])
+    back = AnnotationResult.from_calls(calls, cell_ids=res.cell_ids)
+    for name in ("label", "ontology_id", "level", "knn_label", "marker_label", "agreement", "novel"):
+        assert list(getattr(back, name)) == list(getattr(res, name)), name
+    np.testing.assert_allclose(back.confidence, res.confidence, atol=1e-4)
+    np.testing.assert_allclose(back.distance, res.distance, atol=1e-4)
+    assert (back.alternates.labels == res.alternates.labels).all()
+    np.testing.assert_allclose(back.alternates.scores, res.alternates.scores, atol=1e-4)
+    assert back.markers == res.markers
+
+
+def test_views_and_concat():
+    res = _result()
+    df = res.to_dataframe()
+    assert list(df.index) == list(res.cell_ids)
+    assert df.loc["c0", "alternate_1"] == "T cell" and df.loc["c1", "alternate_1"] == ""
+    assert df.loc["c0", "markers"] == "MS4A1,CD79A"
+    both = AnnotationResult.concat([res, res])
+    assert len(both) == 10 and list(both.alternates)[5] == list(res.alternates)[0]
+    assert list(band_of(np.array([0.1, 0.5, 0.7]))) == ["low", "review", "confident"]
+
+
+def test_alternates_assignment():
+    alts = Alternates.from_lists([[("a", 0.5)], []])
+    alts[1] = [("b", 0.25), ("c", 0.125)]
+    assert alts[1] == [("b", 0.25), ("c", 0.125)] and alts[0] == [("a", 0.5)]
+
+
+def test_write_adata(pbmc68k):
+    a = pbmc68k[:5].copy()
+    res = _result()
+    res.cell_ids = np.array(a.obs_names, dtype=object)
+    res.write_adata(a)
+    assert isinstance(a.obs["cell_type"].dtype, pd.CategoricalDtype)
+    assert a.obs["cell_type_alternates"].iloc[0] == "T cell:0.200; NK cell:0.100"
