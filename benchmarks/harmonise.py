@@ -22,6 +22,7 @@ Scoring compares a prediction with the truth at three levels:
 from __future__ import annotations
 
 import gzip
+import sys
 from functools import lru_cache
 from pathlib import Path
 from typing import Iterable, Mapping, Sequence
@@ -32,17 +33,10 @@ import pandas as pd
 OTHER = "(other)"
 """Placeholder for a call that maps onto no shared label."""
 
-PBMC3K = {
-    "Naive CD4 T": "Naive CD4 T cell",
-    "Memory CD4 T": "Memory CD4 T cell",
-    "CD8 T": "CD8 T cell",
-    "NK": "NK cell",
-    "B": "B cell",
-    "CD14+ Mono": "CD14 monocyte",
-    "FCGR3A+ Mono": "CD16 monocyte",
-    "DC": "Dendritic cell",
-    "Platelet": "Platelet",
-}
+# The same renaming the built-in atlas is built with (one table, two users).
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from scripts.build_builtin_atlas import PBMC3K_TO_CORE as PBMC3K  # noqa: E402
+
 KANG = {
     "CD4 T cells": "CD4 T cell",
     "CD8 T cells": "CD8 T cell",

@@ -17,9 +17,10 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 
 import numpy as np
+import scipy.sparse as sp
 
 from cellatlas.config import Settings
-from cellatlas.errors import ModelUnavailableError
+from cellatlas.errors import InputError, ModelUnavailableError
 
 EXTRA_INSTALL = "pip install 'cellatlas[foundation]' (or: pip install torch==2.13.0 transformers safetensors)"
 _LFS_MAGIC = b"version https://git-lfs"
@@ -217,3 +218,16 @@ def l2_normalise(x: np.ndarray) -> np.ndarray:
     norm = np.linalg.norm(x, axis=1, keepdims=True)
     norm[norm == 0] = 1.0
     return (x / norm).astype(np.float32)
+
+
+def checked_counts(counts: Any, genes: Sequence[str]) -> "sp.csr_matrix":
+    """Counts as float64 CSR for tokenisation; one gene per column and no negative values."""
+    x = sp.csr_matrix(counts, dtype=np.float64)
+    if x.shape[1] != len(genes):
+        raise InputError(
+            f"The matrix has {x.shape[1]} columns but {len(genes)} gene names were given.",
+            fix="Pass exactly one gene name per matrix column.", field="genes",
+        )
+    if x.nnz and x.data.min() < 0:
+        raise InputError("The count matrix has negative values.", fix="Pass raw (non-negative) counts.", field="matrix")
+    return x

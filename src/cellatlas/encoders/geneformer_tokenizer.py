@@ -31,6 +31,7 @@ import numpy as np
 import scipy.sparse as sp
 
 from cellatlas.errors import GeneMismatchError, InputError, ModelUnavailableError
+from cellatlas.encoders._foundation import checked_counts
 
 TARGET_SUM = 10_000
 KINDS = {
@@ -193,14 +194,7 @@ class GeneformerTokenizer:
         GeneMismatchError
             If no column maps to the model's vocabulary.
         """
-        x = sp.csr_matrix(counts, dtype=np.float64)
-        if x.shape[1] != len(genes):
-            raise InputError(
-                f"The matrix has {x.shape[1]} columns but {len(genes)} gene names were given.",
-                fix="Pass exactly one gene name per matrix column.", field="genes",
-            )
-        if x.nnz and x.data.min() < 0:
-            raise InputError("The count matrix has negative values.", fix="Pass raw (non-negative) counts.", field="matrix")
+        x = checked_counts(counts, genes)
         tokens = self.gene_tokens(genes)
         keep = np.flatnonzero(tokens >= 0)
         if keep.size == 0:

@@ -34,6 +34,7 @@ import numpy as np
 import scipy.sparse as sp
 
 from cellatlas.errors import GeneMismatchError, InputError, ModelUnavailableError
+from cellatlas.encoders._foundation import checked_counts
 
 SPECIAL_TOKENS = ("<pad>", "<cls>", "<eoc>")
 N_BINS = 51
@@ -143,14 +144,7 @@ class ScGPTTokenizer:
         GeneMismatchError
             If no column's gene is in the vocabulary.
         """
-        x = sp.csr_matrix(counts, dtype=np.float64)
-        if x.shape[1] != len(genes):
-            raise InputError(
-                f"The matrix has {x.shape[1]} columns but {len(genes)} gene names were given.",
-                fix="Pass exactly one gene name per matrix column.", field="genes",
-            )
-        if x.nnz and x.data.min() < 0:
-            raise InputError("The count matrix has negative values.", fix="Pass raw (non-negative) counts.", field="matrix")
+        x = checked_counts(counts, genes)
         ids = self.gene_ids(genes)
         keep = np.flatnonzero(ids >= 0)
         if keep.size == 0:
