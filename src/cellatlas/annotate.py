@@ -9,6 +9,7 @@ returns an :class:`~cellatlas.result.AnnotationResult` in input order.
 from __future__ import annotations
 
 import time
+from concurrent.futures import ThreadPoolExecutor
 from functools import lru_cache
 from importlib.metadata import version as _pkg_version
 from typing import Any, Callable, Sequence
@@ -20,6 +21,7 @@ from cellatlas.atlas import DEFAULT_ATLAS, Atlas, load_atlas
 from cellatlas.config import get_settings
 from cellatlas.query import Query, prepare_query
 from cellatlas.result import AnnotationResult
+from cellatlas.sparse import row_block
 from cellatlas.encoders import model_status
 from cellatlas.errors import ModelUnavailableError
 from cellatlas.genes import check_coverage
@@ -67,14 +69,19 @@ def annotate_query(
         check_coverage(query.mapping, at.panel, min_fraction=MIN_SHARED_PANEL, min_genes=MIN_SHARED_GENES)
     rt = get_runtime(at, model, query.genes, model_path)
     t_setup = time.perf_counter() - t0
-    size = chunk_size or get_settings().chunk_size
     n = query.n_cells
+    plan = query.plan(rt.q_cols)
+    # Chunks are independent (results do not depend on the chunking) and the heavy steps
+    # (sparse selection, ranks, faiss, matrix products) release the GIL: score them in threads.
+    # Foundation models run serially (torch threads on its own, and device memory is per call).
+    threads = get_settings().resolved_threads if model == DEFAULT_MODEL else 1
+    chunks = row_chunks(n, chunk_size or get_settings().chunk_size, threads)
     parts: list[AnnotationResult] = []
-    for start in range(0, n, size):
-        stop = min(start + size, n)
-        parts.append(_annotate_chunk(rt, query, slice(start, stop)))
-        if progress:
-            progress(stop, n)
+    with ThreadPoolExecutor(max_workers=min(threads, len(chunks))) as pool:
+        for part in pool.map(lambda rows: _annotate_chunk(rt, query, plan, rows), chunks):
+            parts.append(part)
+            if progress:
+                progress(sum(len(p) for p in parts), n)
     res = AnnotationResult.concat(parts)
     changed = None
     if cluster_vote:
@@ -99,6 +106,15 @@ def annotate_query(
     return res
 
 
+def row_chunks(n: int, size: int, threads: int = 1) -> list[slice]:
+    """Row slices of at most ``size`` cells, in equal parts and a multiple of ``threads`` of them."""
+    k = max(1, -(-n // max(1, size)))
+    if threads > 1 and n >= 2 * threads * 256:  # parallel only where chunks stay worthwhile
+        k = -(-k // threads) * threads
+    bounds = np.linspace(0, n, k + 1).round().astype(int)
+    return [slice(int(a), int(b)) for a, b in zip(bounds[:-1], bounds[1:]) if b > a]
+
+
 def _check_model(model: str, model_path) -> None:
     """Unknown name -> 404; known but not runnable here -> 409 with how to install it."""
     status = model_status(model, model_path=model_path)  # raises UnknownModelError
@@ -110,9 +126,11 @@ def _check_model(model: str, model_path) -> None:
         )
 
 
-def _annotate_chunk(rt: AtlasRuntime, query: Query, rows: slice) -> AnnotationResult:
-    counts = query.counts[rows]
-    sc = rt.score(counts)
+def _annotate_chunk(rt: AtlasRuntime, query: Query, plan, rows: slice) -> AnnotationResult:
+    if rt.model == DEFAULT_MODEL:  # read only the atlas's genes, straight from the input columns
+        sc = rt.score(None, universe=query.take(plan, rows.start, rows.stop))
+    else:
+        sc = rt.score(row_block(query.counts, rows.start, rows.stop))
     nodes = np.asarray(rt.hierarchy.nodes, dtype=object)
     cands = np.asarray(rt.candidates, dtype=object)
     kl, ml = sc.p_knn.argmax(axis=1), sc.p_marker.argmax(axis=1)
@@ -205,8 +223,13 @@ def embed(
     rt = get_runtime(at, model, query.genes, model_path)
     size = get_settings().chunk_size
     embs, lays = [], []
+    plan = query.plan(rt.q_cols)
     for start in range(0, query.n_cells, size):
-        emb, lay = rt.place(query.counts[start : start + size])
+        stop = min(start + size, query.n_cells)
+        if rt.model == DEFAULT_MODEL:
+            emb, lay = rt.place(None, universe=query.take(plan, start, stop))
+        else:
+            emb, lay = rt.place(row_block(query.counts, start, stop))
         embs.append(emb)
         lays.append(lay)
     return np.concatenate(embs), np.concatenate(lays), {**query.report, **rt.report}

@@ -388,8 +388,10 @@ def _compact(indices: np.ndarray, data: np.ndarray, n_genes: int) -> tuple[np.nd
     65,536 genes, uint16 values when they are whole counts below 65,536 (typical UMI data)."""
     if n_genes <= np.iinfo(np.uint16).max:
         indices = indices.astype(np.uint16)
-    if data.size and data.min() >= 0 and data.max() <= np.iinfo(np.uint16).max and np.array_equal(data, np.floor(data)):
-        data = data.astype(np.uint16)
+    with np.errstate(invalid="ignore"):  # NaN/negative/huge values cast to something unequal
+        narrow = data.astype(np.uint16)  # anything but a whole count below 65,536 changes
+    if np.array_equal(narrow, data):
+        data = narrow
     return indices, data
 
 

@@ -23,6 +23,8 @@ class Settings(BaseSettings):
     """SQLAlchemy URL of the key/credit ledger (default: SQLite file in ``home``)."""
     chunk_size: int = 8192
     """Cells processed at once; the only place densification is bounded."""
+    threads: int = 0
+    """Chunks of one request scored in parallel threads (0: one per CPU, at most 8; 1: serial)."""
     max_cells_per_request: int = 100_000
     max_body_bytes: int = 2 * 1024**3
     require_api_key: bool = True
@@ -35,6 +37,12 @@ class Settings(BaseSettings):
     """Largest file the browser workspace accepts (bigger datasets: the Python client's ``annotate_large``)."""
     workspace_ttl_hours: float = 24.0
     """Workspace sessions (uploads, results) idle for longer are deleted."""
+
+    @property
+    def resolved_threads(self) -> int:
+        import os
+
+        return max(1, self.threads or min(8, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1))
 
     @property
     def resolved_atlas_dir(self) -> Path:

@@ -40,8 +40,9 @@ def knn_vote(sim: np.ndarray, idx: np.ndarray, ref_codes: np.ndarray, n_ref_labe
     d = 1.0 - sim
     w = np.exp(-(d - d[:, :1]) / max(bandwidth, 1e-3))
     codes = ref_codes[idx]
-    p = np.zeros((sim.shape[0], n_ref_labels), dtype=np.float64)
-    np.add.at(p, (np.repeat(np.arange(sim.shape[0]), sim.shape[1]), codes.ravel()), w.ravel())
+    n = sim.shape[0]
+    flat = (np.arange(n)[:, None] * n_ref_labels + codes).ravel()
+    p = np.bincount(flat, weights=w.ravel(), minlength=n * n_ref_labels).reshape(n, n_ref_labels)
     p /= p.sum(axis=1, keepdims=True)
     return p
 

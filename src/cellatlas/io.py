@@ -204,7 +204,7 @@ def _auto_choose(adata: Any, var_genes: list[str]) -> tuple[Any, list[str], str]
 
 
 def counts_from_adata(
-    adata: Any, layer: str | None = None, use_raw: bool | None = None
+    adata: Any, layer: str | None = None, use_raw: bool | None = None, *, canonical: bool = True
 ) -> tuple[sp.csr_matrix, list[str], list[str], str]:
     """Validated counts matrix of an AnnData plus its gene names, cell ids and source.
 
@@ -212,6 +212,8 @@ def counts_from_adata(
     ----------
     adata, layer, use_raw
         As for :func:`choose_matrix`.
+    canonical
+        As for :func:`validate_matrix`.
 
     Returns
     -------
@@ -222,7 +224,7 @@ def counts_from_adata(
     """
     X, genes, source = choose_matrix(adata, layer=layer, use_raw=use_raw)
     cell_ids = [str(c) for c in adata.obs_names]
-    return validate_matrix(X, genes, cell_ids), genes, cell_ids, source
+    return validate_matrix(X, genes, cell_ids, canonical=canonical), genes, cell_ids, source
 
 
 # --------------------------------------------------------------------------- validation
@@ -250,21 +252,17 @@ def validate_genes(genes: Any, n_genes: int | None = None) -> list[str]:
     if genes is None or isinstance(genes, (str, bytes)) or not hasattr(genes, "__len__"):
         raise InputError(f"genes must be a list of gene names, got {type(genes).__name__}", field="genes",
                          fix="Pass one gene symbol or Ensembl id per matrix column, e.g. list(adata.var_names).")
-    out: list[str] = []
-    bad: list[str] = []
-    for i, g in enumerate(genes):
-        if isinstance(g, bytes):
-            g = g.decode("utf-8", errors="replace")
-        if not isinstance(g, str) or not g.strip():
-            bad.append(f"genes[{i}]={g!r}")
-        out.append(str(g))
+    out = [g.decode("utf-8", errors="replace") if isinstance(g, bytes) else g for g in genes]
+    bad = [] if all(isinstance(g, str) and g.strip() for g in out) else [
+        f"genes[{i}]={g!r}" for i, g in enumerate(out) if not isinstance(g, str) or not g.strip()]
+    out = [str(g) for g in out] if bad else out
     if bad:
         raise InputError(f"{len(bad)} gene names are empty or not strings: {', '.join(bad[:5])}", field="genes",
                          fix="Give every matrix column a non-empty gene symbol or Ensembl id.")
     if n_genes is not None and len(out) != n_genes:
         raise InputError(f"genes has {len(out)} names but the matrix has {n_genes} gene columns",
                          field="genes", fix="Pass exactly one name per matrix column, in column order.")
-    dups = [(g, c) for g, c in Counter(out).items() if c > 1]
+    dups = [(g, c) for g, c in Counter(out).items() if c > 1] if len(set(out)) != len(out) else []
     if dups:
         shown = ", ".join(f"{g!r} (x{c})" for g, c in dups[:5])
         raise InputError(f"{len(dups)} gene names occur more than once: {shown}", field="genes",
@@ -333,13 +331,13 @@ def _check_values(X: sp.csr_matrix, genes: Sequence[str], cell_ids: Sequence[str
         field="matrix", fix=fix, details={"row": row, "column": int(X.indices[first])})
 
 
-def _canonical_csr(X: Any, owned: bool) -> sp.csr_matrix:
+def _canonical_csr(X: Any, owned: bool, canonical: bool = True) -> sp.csr_matrix:
     """CSR float32 with sorted, summed indices and no explicit zeros; never mutates a caller's matrix."""
     Y = X if isinstance(X, sp.csr_matrix) else sp.csr_matrix(X)
     owned = owned or Y is not X
     if Y.dtype != np.float32:
         Y, owned = Y.astype(np.float32), True
-    if not Y.has_canonical_format or (Y.data.size and not Y.data.all()):
+    if canonical and (not Y.has_canonical_format or (Y.data.size and not Y.data.all())):
         if not owned:
             Y = Y.copy()
         Y.sum_duplicates()
@@ -347,7 +345,7 @@ def _canonical_csr(X: Any, owned: bool) -> sp.csr_matrix:
     return Y
 
 
-def validate_matrix(X: Any, genes: Any, cell_ids: Sequence[str] | None = None) -> sp.csr_matrix:
+def validate_matrix(X: Any, genes: Any, cell_ids: Sequence[str] | None = None, *, canonical: bool = True) -> sp.csr_matrix:
     """Check a cells x genes matrix and return it as canonical float32 CSR.
 
     Parameters
@@ -359,6 +357,10 @@ def validate_matrix(X: Any, genes: Any, cell_ids: Sequence[str] | None = None) -
         One name per column (see :func:`validate_genes`).
     cell_ids
         Optional, one id per row (duplicates are allowed, with a warning).
+    canonical
+        Sort indices, sum duplicate entries and drop explicit zeros. ``False`` leaves
+        that to the caller (e.g. :func:`cellatlas.sparse.remap_columns`, which does it
+        while selecting columns); values are checked either way.
 
     Returns
     -------
@@ -385,7 +387,7 @@ def validate_matrix(X: Any, genes: Any, cell_ids: Sequence[str] | None = None) -
     if cell_ids is not None:
         cell_ids = _check_cell_ids(cell_ids, n_cells)
     if sp.issparse(X):
-        out = _canonical_csr(X, owned=False)
+        out = _canonical_csr(X, owned=False, canonical=canonical)
         _check_values(out, names, cell_ids, 0, True)
     else:
         parts = []
@@ -396,7 +398,7 @@ def validate_matrix(X: Any, genes: Any, cell_ids: Sequence[str] | None = None) -
             _check_values(part, names, cell_ids, sl.start, sl.start == 0 and sl.stop == n_cells)
             parts.append(part)
         out = parts[0] if len(parts) == 1 else sp.vstack(parts, format="csr")
-    if out.nnz == 0:
+    if out.nnz == 0 or not out.data.any():
         raise InputError(f"matrix has no non-zero value ({n_cells} cells x {len(names)} genes)", field="matrix",
                          fix="Check that the matrix was filled with counts (not an empty or all-zero subset).")
     return out

@@ -9,8 +9,9 @@ in the gene report, never dropped silently.
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass, field
-from functools import lru_cache
+from functools import cached_property, lru_cache
 from typing import Any, Sequence
 
 import numpy as np
@@ -19,13 +20,21 @@ import scipy.sparse as sp
 from cellatlas import io as cio
 from cellatlas.errors import InputError
 from cellatlas.genes import map_genes
+from cellatlas.sparse import ColumnPlan, row_block
 
 
 @dataclass
 class Query:
-    """Cells x genes counts on unique approved human symbols, with the gene report."""
+    """Validated input counts, their mapping to unique approved human symbols, and the gene report.
 
-    counts: sp.csr_matrix
+    The input matrix is kept as sent (``raw``, input columns); ``colmap`` maps each
+    input column to its symbol in ``genes`` (``-1``: unmapped). Readers take only the
+    columns they need with :meth:`plan` / :meth:`take`; :attr:`counts` is the full
+    merged matrix, built on first use.
+    """
+
+    raw: sp.csr_matrix
+    colmap: np.ndarray
     genes: list[str]
     cell_ids: np.ndarray
     report: dict[str, Any] = field(default_factory=dict)
@@ -34,16 +43,51 @@ class Query:
 
     @property
     def n_cells(self) -> int:
-        return int(self.counts.shape[0])
+        return int(self.raw.shape[0])
+
+    @cached_property
+    def counts(self) -> sp.csr_matrix:
+        """Canonical CSR counts over :attr:`genes` (merged columns summed)."""
+        return ColumnPlan.from_colmap(self.colmap, len(self.genes)).apply(self.raw)
+
+    def plan(self, gene_cols: np.ndarray) -> ColumnPlan:
+        """How to read the symbols at positions ``gene_cols`` of :attr:`genes` from the input columns."""
+        to_out = np.full(len(self.genes), -1, dtype=np.int64)
+        to_out[np.asarray(gene_cols, dtype=np.int64)] = np.arange(len(gene_cols))
+        mapped = self.colmap >= 0
+        colmap = np.where(mapped, to_out[np.where(mapped, self.colmap, 0)], -1)
+        return ColumnPlan.from_colmap(colmap, len(gene_cols))
+
+    def take(self, plan: ColumnPlan, start: int = 0, stop: int | None = None) -> sp.csr_matrix:
+        """Rows ``start:stop`` read through ``plan`` (from :meth:`plan`)."""
+        stop = self.n_cells if stop is None else stop
+        return plan.apply(row_block(self.raw, start, stop))
 
     def subset(self, rows: slice | np.ndarray) -> "Query":
-        return Query(self.counts[rows], self.genes, self.cell_ids[rows], self.report, self.mapping)
+        return Query(self.raw[rows], self.colmap, self.genes, self.cell_ids[rows], self.report, self.mapping)
 
 
 @lru_cache(maxsize=32)
 def _map_cached(genes: tuple[str, ...], species: str | None):
-    """Gene mapping is a pure function of the names: chunked requests reuse it."""
-    return map_genes(list(genes), species=species)
+    """Gene mapping and its report are pure functions of the names: chunked requests reuse them."""
+    mapping = map_genes(list(genes), species=species)
+    return mapping, mapping.report()
+
+
+@lru_cache(maxsize=32)
+def _symbol_columns(symbols: tuple[str | None, ...]) -> tuple[np.ndarray, tuple[str, ...]]:
+    """Column map input column -> merged column (-1: unmapped) and the merged symbols.
+
+    Symbols keep the order of their first column, so selecting symbols keeps the
+    input's column order (no re-sorting of rows).
+    """
+    position: dict[str, int] = {}
+    colmap = np.full(len(symbols), -1, dtype=np.int64)
+    for j, sym in enumerate(symbols):
+        if sym is not None:
+            colmap[j] = position.setdefault(sym, len(position))
+    colmap.flags.writeable = False
+    return colmap, tuple(position)
 
 
 def _is_anndata(x) -> bool:
@@ -77,13 +121,13 @@ def prepare_query(
     """
     source = "matrix"
     if _is_anndata(X):
-        X, adata_genes, adata_cells, source = cio.counts_from_adata(X, layer=layer, use_raw=use_raw)
+        X, adata_genes, adata_cells, source = cio.counts_from_adata(X, layer=layer, use_raw=use_raw, canonical=False)
         genes = adata_genes if genes is None else genes
         cell_ids = adata_cells if cell_ids is None else cell_ids
     if genes is None:
         raise InputError("No gene names were given.", fix="Pass genes=[...] with one identifier per column.", field="genes")
     genes = [str(g) for g in genes]
-    counts = cio.validate_matrix(X, genes, cell_ids)
+    counts = cio.validate_matrix(X, genes, cell_ids, canonical=False)
     n = counts.shape[0]
     if cell_ids is None:
         cell_ids = np.arange(n).astype(str)
@@ -95,21 +139,10 @@ def prepare_query(
     values = cio.detect_values(counts)
     counts = cio.to_counts_like(counts, values)
 
-    mapping = _map_cached(tuple(genes), species)
-    symbols = mapping.symbols
-    keep = np.array([sym is not None for sym in symbols])
-    unique, first, inverse = np.unique(
-        np.asarray([sym for sym in symbols if sym is not None], dtype=object), return_index=True, return_inverse=True
-    )
-    cols = np.nonzero(keep)[0]
-    merged = counts[:, cols[first]].tocsr()  # one column per symbol (its first column)
-    extra = np.setdiff1d(np.arange(len(cols)), first)
-    if len(extra):  # columns mapping to an already taken symbol are summed into it
-        agg = sp.csr_matrix(
-            (np.ones(len(extra), dtype=np.float32), (np.arange(len(extra)), inverse[extra])), shape=(len(extra), len(unique))
-        )
-        merged = (merged + counts[:, cols[extra]] @ agg).tocsr()
-    report = dict(mapping.report())
+    mapping, mapping_report = _map_cached(tuple(genes), species)
+    colmap, unique = _symbol_columns(tuple(mapping.symbols))
+    n_kept = int((colmap >= 0).sum())
+    report = copy.deepcopy(mapping_report)
     report.update(
         {
             "matrix_source": source,
@@ -117,8 +150,8 @@ def prepare_query(
             "n_cells": int(n),
             "n_genes_input": len(genes),
             "n_genes_used": int(len(unique)),
-            "n_genes_unmapped": int((~keep).sum()),
-            "n_columns_merged": int(len(extra)),
+            "n_genes_unmapped": int(len(genes) - n_kept),
+            "n_columns_merged": int(n_kept - len(unique)),
         }
     )
-    return Query(merged, [str(g) for g in unique], cell_ids, report, mapping)
+    return Query(counts, colmap, list(unique), cell_ids, report, mapping)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import zlib
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Any, Sequence
 
 import faiss
@@ -25,6 +26,7 @@ from cellatlas.encoders.default import DefaultEncoder
 from cellatlas.errors import AtlasModelMismatchError, GeneMismatchError
 from cellatlas.markers import compile_markers, rank_scores, score_markers
 from cellatlas.result import Alternates
+from cellatlas.sparse import ColumnPlan
 
 MIN_SHARED_PANEL = 0.05
 """Fewest fraction of the atlas panel a query must share (and at least MIN_SHARED_GENES)."""
@@ -176,12 +178,13 @@ class AtlasRuntime:
         sets = atlas.marker_sets
         # Marker evidence is read on the genes both the query and the stored reference have,
         # ranked within that universe for both, so reference statistics apply to the query.
-        have = {g: i for i, g in enumerate(self.genes)}
-        ref_genes = atlas.ref_genes
-        universe = [g for g in ref_genes if g in have]
-        self.q_cols = np.array([have[g] for g in universe], dtype=np.int64)
-        r_cols = np.array([i for i, g in enumerate(ref_genes) if g in have], dtype=np.int64)
+        # The universe keeps the query's column order, so selecting it keeps rows sorted.
+        ref_pos = {g: i for i, g in enumerate(atlas.ref_genes)}
+        self.q_cols = np.array([i for i, g in enumerate(self.genes) if g in ref_pos], dtype=np.int64)
+        universe = [self.genes[i] for i in self.q_cols]
+        r_cols = np.array([ref_pos[g] for g in universe], dtype=np.int64)
         self.universe = universe
+        self.q_plan = ColumnPlan.select(len(self.genes), self.q_cols)
         self.compiled = compile_markers({c: sets[c] for c in self.candidates}, universe)
         node_sets = {n: sets.get(n, {"positive": [], "negative": []}) for n in self.hierarchy.nodes}
         self.node_markers = compile_markers(node_sets, universe)
@@ -205,11 +208,21 @@ class AtlasRuntime:
         self.report["marker_coverage"] = {c: round(float(v), 3) for c, v in zip(self.candidates, cov)}
 
     # ------------------------------------------------------------------ scoring
-    def score(self, counts: sp.csr_matrix) -> Scored:
-        """Score one chunk of cells (rows of ``counts`` over ``self.genes``)."""
-        sub = counts[:, self.q_cols].tocsr()
+    def score(self, counts: sp.csr_matrix | None, universe: sp.csr_matrix | None = None) -> Scored:
+        """Score one chunk of cells.
+
+        Parameters
+        ----------
+        counts
+            Rows over ``self.genes`` (may be ``None`` for the default model when
+            ``universe`` is given).
+        universe
+            The same rows already read over ``self.universe`` (e.g. by
+            :meth:`cellatlas.query.Query.take` with :attr:`q_cols`), saving a selection.
+        """
+        sub = universe if universe is not None else self.q_plan.apply(counts)
         # The default encoder's genes are a subset of the universe: slice the matrix once.
-        emb = self.encoder.embed(sub, self.universe) if self.model == "default" else self.encoder.embed(counts, self.genes)
+        emb = self.encoder.embed(sub, self.universe) if self.model == "default" else self._foundation_embed(counts)
         k = min(fusion.K_NEIGHBOURS, self.index.ntotal)
         sim, idx = self.index.search(np.ascontiguousarray(emb), k)
         p_ref = fusion.knn_vote(sim, idx, self.ref_codes, len(self.ref_to_cand), self.dist["bandwidth"])
@@ -235,12 +248,26 @@ class AtlasRuntime:
         novel = misfit & ((s[rows, knn_cand] < NOVEL_NEIGHBOUR_FIT) | (z > NOVEL_Z))
         return Scored(emb, sim, idx, p_knn, p_marker, s, fused, call, coarse, z, o, feats, conf, novel, ranks)
 
-    def place(self, counts: sp.csr_matrix) -> tuple[np.ndarray, np.ndarray]:
-        """Embedding and neighbour-weighted layout position only (no marker scoring)."""
-        sub = counts[:, self.q_cols].tocsr()
-        emb = self.encoder.embed(sub, self.universe) if self.model == "default" else self.encoder.embed(counts, self.genes)
+    def place(self, counts: sp.csr_matrix | None, universe: sp.csr_matrix | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """Embedding and neighbour-weighted layout position only (no marker scoring; arguments as :meth:`score`)."""
+        if self.model == "default":
+            emb = self.encoder.embed(universe if universe is not None else self.q_plan.apply(counts), self.universe)
+        else:
+            emb = self._foundation_embed(counts)
         sim, idx = self.index.search(np.ascontiguousarray(emb), min(fusion.K_NEIGHBOURS, self.index.ntotal))
         return emb, self._neighbour_layout(sim, idx)
+
+    def _foundation_embed(self, counts: sp.csr_matrix) -> np.ndarray:
+        """A foundation encoder's embedding, with genes in symbol order.
+
+        scGPT reads genes in column order; sorting them first makes the embedding
+        independent of the order of the input's columns.
+        """
+        if not hasattr(self, "_symbol_order"):
+            order = np.argsort(np.asarray(self.genes, dtype=object), kind="stable")
+            self._symbol_order = (ColumnPlan.select(len(self.genes), order), [self.genes[i] for i in order])
+        plan, genes = self._symbol_order
+        return self.encoder.embed(plan.apply(counts), genes)
 
     # ------------------------------------------------------------------ per-cell details
     def _neighbour_layout(self, sim: np.ndarray, idx: np.ndarray) -> np.ndarray:
@@ -267,21 +294,38 @@ class AtlasRuntime:
         return xy.astype(np.float32)
 
     def expressed_markers(self, sc: Scored, n_top: int = 10) -> list[list[str]]:
-        """Per cell: the called label's positive markers that the cell expresses, strongest first."""
+        """Per cell: the called label's positive markers that the cell expresses, strongest first.
+
+        Ties in expression rank keep the order of the label's marker list.
+        """
+        cols, slot = self._marker_slots
+        R = sc.ranks[:, cols].tocsr()  # only genes that are some node's positive marker
+        n = R.shape[0]
+        rows = np.repeat(np.arange(n), np.diff(R.indptr))
+        pos = slot[R.indices, sc.call[rows]]  # place in the called node's list, -1: not its marker
+        keep = (pos >= 0) & (R.data > 0)
+        r, c, v, pos = rows[keep], R.indices[keep], R.data[keep], pos[keep]
+        order = np.lexsort((pos, -v, r))
+        r, c = r[order], c[order]
+        starts = np.searchsorted(r, np.arange(n))
+        top = np.arange(len(r)) - starts[r] < n_top
+        names = np.asarray(self.universe, dtype=object)[cols][c[top]]
+        bounds = np.searchsorted(r[top], np.arange(n + 1)).tolist()
+        flat = names.tolist()
+        return [flat[bounds[i] : bounds[i + 1]] for i in range(n)]
+
+    @cached_property
+    def _marker_slots(self) -> tuple[np.ndarray, np.ndarray]:
+        """Universe columns that are a positive marker of some node, and ``slot[col, node]``:
+        the column's place in the node's marker list (``-1`` when not its marker)."""
         nm = self.node_markers
-        out: list[list[str]] = [[] for _ in range(len(sc.call))]
-        for node in np.unique(sc.call):
-            cols = nm.marker_idx[int(node)]
-            if len(cols) == 0:
-                continue
-            cells = np.nonzero(sc.call == node)[0]
-            block = sc.ranks[cells][:, cols].toarray()
-            order = np.argsort(-block, axis=1, kind="stable")[:, :n_top]
-            names = np.asarray([self.universe[c] for c in cols], dtype=object)[order]
-            keep = np.take_along_axis(block, order, axis=1) > 0
-            for i, row, k in zip(cells.tolist(), names, keep):
-                out[i] = row[k].tolist()
-        return out
+        cols = np.unique(np.concatenate([np.asarray(m, dtype=np.int64) for m in nm.marker_idx] + [np.zeros(0, np.int64)]))
+        where = {int(c): i for i, c in enumerate(cols)}
+        slot = np.full((len(cols), len(nm.marker_idx)), -1, dtype=np.int32)
+        for node, idx in enumerate(nm.marker_idx):
+            for k, c in enumerate(np.asarray(idx, dtype=np.int64).tolist()):
+                slot[where[c], node] = k
+        return cols, slot
 
     def alternates(self, sc: Scored, n: int = 3) -> Alternates:
         """Up to ``n`` runner-up candidate labels with their fused probabilities."""

@@ -20,14 +20,15 @@ import numpy as np
 import scipy.sparse as sp
 
 from cellatlas.errors import AtlasModelMismatchError, GeneMismatchError
+from cellatlas.sparse import ColumnPlan
 
 TARGET_SUM = 1e4
 TRANSFORMS = ("log1p", "rank")
 
 
-def _transform(counts: sp.csr_matrix, transform: str) -> sp.csr_matrix:
-    """Per-cell transform of panel counts (same sparsity)."""
-    x = sp.csr_matrix(counts, dtype=np.float32, copy=True)
+def _transform(counts: sp.csr_matrix, transform: str, copy: bool = True) -> sp.csr_matrix:
+    """Per-cell transform of panel counts (same sparsity); ``copy=False`` may reuse ``counts``' arrays."""
+    x = sp.csr_matrix(counts, dtype=np.float32, copy=copy)
     if transform == "rank":
         from cellatlas.markers import rank_scores
 
@@ -67,6 +68,7 @@ class DefaultEncoder:
         self._index = {g: i for i, g in enumerate(self.panel)}
         self._w = (self.components / self.std[None, :]).T.astype(np.float32)  # [panel, d]
         self._offset = ((self.mean / self.std) @ self.components.T).astype(np.float32)
+        self._plans: dict[tuple[str, ...], tuple[ColumnPlan, np.ndarray]] = {}
 
     @property
     def dim(self) -> int:
@@ -106,12 +108,31 @@ class DefaultEncoder:
     # ----------------------------------------------------------------- embedding
     def embed(self, counts: sp.csr_matrix, genes: Sequence[str]) -> np.ndarray:
         """Project cells; rows are L2-normalised (cosine geometry)."""
-        cols = _columns(genes, self.panel)
-        x = _transform(sp.csr_matrix(counts)[:, cols], self.transform)
-        e = np.asarray(x @ self._w, dtype=np.float32) - self._offset
+        plan, w = self._plan(tuple(genes))
+        X = sp.csr_matrix(counts)
+        x = plan.apply(X)
+        x = _transform(x, self.transform, copy=x.data is X.data)
+        e = np.asarray(x @ w, dtype=np.float32) - self._offset
         norm = np.linalg.norm(e, axis=1, keepdims=True)
         norm[norm == 0] = 1.0
         return (e / norm).astype(np.float32)
+
+    def _plan(self, genes: tuple[str, ...]) -> tuple[ColumnPlan, np.ndarray]:
+        """Selection of the panel genes in ``genes``' column order, and the weights in that order.
+
+        The transform is per cell and order-free and the projection is a sum over
+        genes, so reading the panel in the input's column order only permutes the
+        rows of the weights, and the column selection keeps the input sorted.
+        """
+        plan = self._plans.get(genes)
+        if plan is None:
+            cols = _columns(genes, self.panel)
+            order = np.argsort(cols, kind="stable")
+            plan = (ColumnPlan.select(len(genes), cols[order]), np.ascontiguousarray(self._w[order]))
+            if len(self._plans) >= 8:
+                self._plans.pop(next(iter(self._plans)))
+            self._plans[genes] = plan
+        return plan
 
     def gene_coverage(self, genes: Sequence[str]) -> float:
         present = set(genes)

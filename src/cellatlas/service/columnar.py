@@ -4,7 +4,9 @@ The binary response of ``POST /v1/singlecell/annotate`` (``Accept: application/x
 or ``?format=npz``): one array per per-cell field instead of one JSON object per
 cell, so neither side loops over cells in Python to build or read dicts. JSON
 metadata (gene report, provenance, usage) travels as a uint8 array ``meta_json``.
-Strings are fixed-width unicode arrays, so the archive loads with ``allow_pickle=False``.
+Text columns are categorical (integer codes into a small table of strings, see
+:func:`encode_result`), and every string array is fixed-width unicode, so the archive
+is small and loads with ``allow_pickle=False``.
 """
 
 from __future__ import annotations
@@ -14,44 +16,63 @@ from typing import Any
 
 import numpy as np
 import orjson
+import pandas as pd
 
 from cellatlas.result import Alternates, AnnotationResult
 
-MARKER_SEP = ","
-"""Separator of the marker genes of one cell (gene symbols never contain commas)."""
+FORMAT = 2
+"""Version of the layout below (``meta_json["columnar"]``)."""
 
 _STR = ("cell_ids", "label", "ontology_id", "level", "knn_label", "marker_label")
 _F32 = ("confidence", "knn_prob", "marker_score", "distance")
 _BOOL = ("agreement", "novel")
 
 
+def _categorical(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``(codes, categories)`` with ``categories[codes] == values`` (first-seen order)."""
+    codes, cats = pd.factorize(np.asarray(values, dtype=object).ravel(), sort=False, use_na_sentinel=False)
+    dtype = np.int16 if len(cats) < 2**15 else np.int32
+    return codes.astype(dtype).reshape(np.shape(values)), np.asarray(cats, dtype=str)
+
+
 def encode_result(res: AnnotationResult, meta: dict[str, Any], *, with_embedding: bool, dumps) -> bytes:
     """npz bytes holding every per-cell field of ``res`` plus ``meta`` as ``meta_json``.
+
+    Strings are sent once: each text column ``name`` is ``name_codes`` (int16/int32 per
+    cell) into ``name_categories`` (cell ids are plain strings); the alternates are
+    ``alternate_label_codes`` ``[n, k]`` into ``alternate_label_categories`` plus
+    ``alternate_score``; the markers of cell ``i`` are
+    ``marker_genes[marker_codes[marker_offsets[i]:marker_offsets[i + 1]]]``.
 
     Parameters
     ----------
     res
         The result to encode.
     meta
-        JSON-ready metadata (gene report, provenance, usage, ...).
+        JSON-ready metadata (gene report, provenance, usage, ...); ``columnar`` is added.
     with_embedding
         Include ``embedding`` and ``layout``.
     dumps
         JSON encoder for ``meta`` (bytes).
     """
     alts = res.alternates if isinstance(res.alternates, Alternates) else Alternates.from_lists(list(res.alternates))
-    arrays: dict[str, np.ndarray] = {name: np.asarray(getattr(res, name)).astype(str) for name in _STR}
+    arrays: dict[str, np.ndarray] = {"cell_ids": np.asarray(res.cell_ids).astype(str)}
+    for name in _STR[1:]:
+        arrays[name + "_codes"], arrays[name + "_categories"] = _categorical(getattr(res, name))
     arrays.update({name: np.asarray(getattr(res, name), dtype=np.float32) for name in _F32})
     arrays.update({name: np.asarray(getattr(res, name), dtype=bool) for name in _BOOL})
-    arrays["alternate_label"] = np.asarray(alts.labels).astype(str)
+    arrays["alternate_label_codes"], arrays["alternate_label_categories"] = _categorical(alts.labels)
     arrays["alternate_score"] = np.asarray(alts.scores, dtype=np.float32)
-    arrays["markers"] = np.asarray([MARKER_SEP.join(m) for m in res.markers], dtype=str)
+    lengths = np.fromiter((len(m) for m in res.markers), dtype=np.int64, count=len(res.markers))
+    arrays["marker_offsets"] = np.concatenate(([0], np.cumsum(lengths)))
+    flat = [g for m in res.markers for g in m]
+    arrays["marker_codes"], arrays["marker_genes"] = _categorical(np.asarray(flat, dtype=object))
     if with_embedding:
         for name in ("embedding", "layout"):
             value = getattr(res, name)
             if value is not None:
                 arrays[name] = np.asarray(value, dtype=np.float32)
-    arrays["meta_json"] = np.frombuffer(dumps(meta), dtype=np.uint8)
+    arrays["meta_json"] = np.frombuffer(dumps({**meta, "columnar": FORMAT}), dtype=np.uint8)
     buf = io.BytesIO()
     np.savez(buf, **arrays)
     return buf.getvalue()
@@ -63,9 +84,17 @@ def decode_result(arrays: dict[str, np.ndarray], cell_ids=None) -> tuple[Annotat
     ``cell_ids`` replaces the encoded ids (the client keeps the caller's own ids).
     """
     meta = orjson.loads(arrays["meta_json"].tobytes())
-    alternates = Alternates(arrays["alternate_label"].astype(object), arrays["alternate_score"])
-    markers = [m.split(MARKER_SEP) if m else [] for m in arrays["markers"].tolist()]
-    obj = {name: arrays[name].astype(object) for name in _STR}
+    meta.pop("columnar", None)
+
+    def text(name: str) -> np.ndarray:
+        return arrays[name + "_categories"].astype(object)[arrays[name + "_codes"]]
+
+    alternates = Alternates(text("alternate_label"), arrays["alternate_score"])
+    genes = arrays["marker_genes"].astype(object)[arrays["marker_codes"]].tolist()
+    bounds = arrays["marker_offsets"].tolist()
+    markers = [genes[a:b] for a, b in zip(bounds[:-1], bounds[1:])]
+    obj = {name: text(name) for name in _STR[1:]}
+    obj["cell_ids"] = arrays["cell_ids"].astype(object)
     res = AnnotationResult(
         cell_ids=np.asarray(cell_ids, dtype=object) if cell_ids is not None else obj["cell_ids"],
         label=obj["label"],

@@ -1,6 +1,7 @@
 """The billed request cycle shared by annotate, embed and markers.
 
-replay an earlier response for the same Idempotency-Key -> decode body ->
+replay an earlier response for the same Idempotency-Key (the body hash runs
+in the background and is waited for only when there is one to compare) -> decode body ->
 parse -> refuse early (402) if the key cannot pay -> run the engine in a
 worker thread (bounded queue, 429 when full) -> charge and store the response
 in one transaction -> respond. Nothing is charged when any step fails.
@@ -8,9 +9,11 @@ in one transaction -> respond. Nothing is charged when any step fails.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import os
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable, Mapping
 
 import anyio
@@ -22,6 +25,8 @@ from cellatlas.errors import InputError
 from cellatlas.service.errors import ServerBusyError
 from cellatlas.service.ledger import Charge, Principal
 from cellatlas.service.payload import Parsed, decode_body, parse_request
+
+_HASHER = ThreadPoolExecutor(max_workers=2, thread_name_prefix="cellatlas-hash")
 
 MAX_QUEUED_JOBS = 32
 """Jobs allowed to wait for a worker thread before the server answers 429."""
@@ -67,9 +72,11 @@ async def run_billed(
     key_id = principal.key_id if principal is not None else None
     idem = idempotency_key(request)
     raw = await request.body()
-    req_hash = await run_in_threadpool(request_hash, request, raw) if idem else ""
+    # The body hash (needed to store the response, or to check a replay) runs beside
+    # decoding, parsing and the engine instead of before them.
+    hashing = _HASHER.submit(request_hash, request, raw) if idem else None
     if idem:
-        stored = await run_in_threadpool(ledger.replay, key_id, idem, req_hash)
+        stored = await run_in_threadpool(ledger.replay, key_id, idem, hashing.result)
         if stored is not None:
             state.metrics.observe_work(endpoint, stored.cells, stored.credits_charged, True)
             return charge_response(stored, request_id(request))
@@ -89,6 +96,7 @@ async def run_billed(
         await run_in_threadpool(lambda: model_status(parsed.model, settings=settings))  # unknown name -> 404 now
     await run_in_threadpool(ledger.check_balance, key_id, parsed.n_cells)
     output = await run_job(request, work, parsed)
+    req_hash = await asyncio.wrap_future(hashing) if hashing is not None else ""
     rid = request_id(request)
     charge = await run_in_threadpool(
         lambda: ledger.charge(

@@ -331,11 +331,12 @@ class Ledger:
             return stored
         return result
 
-    def replay(self, key_id: str | None, idempotency_key: str, request_hash: str = "") -> Charge | None:
+    def replay(self, key_id: str | None, idempotency_key: str, request_hash: str | Callable[[], str] = "") -> Charge | None:
         """The stored response for ``(key, Idempotency-Key)``, or ``None``.
 
-        Raises :class:`IdempotencyKeyReusedError` when the key was used for a
-        different request body.
+        ``request_hash`` may be a callable, called only when there is a stored
+        response to compare with. Raises :class:`IdempotencyKeyReusedError` when the
+        key was used for a different request body.
         """
         scope = key_id or LOCAL_SCOPE
         with self.engine.connect() as conn:
@@ -344,6 +345,8 @@ class Ledger:
             ).mappings().first()
         if row is None:
             return None
+        if callable(request_hash):
+            request_hash = request_hash()
         if request_hash and row["request_hash"] and not hmac.compare_digest(row["request_hash"], request_hash):
             raise IdempotencyKeyReusedError(
                 "This Idempotency-Key was already used for a different request.",
