@@ -30,6 +30,7 @@ from cellatlas.runtime import MIN_SHARED_GENES, MIN_SHARED_PANEL, AtlasRuntime
 DEFAULT_MODEL = "default"
 
 
+@lru_cache(maxsize=1)
 def code_version() -> str:
     try:
         return _pkg_version("cellatlas")
