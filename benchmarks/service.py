@@ -110,13 +110,18 @@ def bench_request(url: str, key: str, X, genes, repeats: int) -> dict:
     out = {"engine_in_process": _stats(times, X.shape[0])}  # the floor: no HTTP, no serialisation
     with Client(url, key, progress=False) as c:
         c.annotate(X[:500], genes)  # warm: atlas load, runtime cache, connection
-        times, calls = [], None
+        times, calls, steps = [], None, []
         for _ in range(repeats):
             t0 = time.perf_counter()
             res = c.annotate(X, genes)
             times.append(time.perf_counter() - t0)
             calls = calls if calls is not None else list(res.label)
+            steps.append({k: float(v) / 1000 for k, v in (p.split(";dur=") for p in c.last_server_timing.split(", "))})
         out["binary"] = _stats(times, X.shape[0])
+        # Median seconds per server step (Server-Timing); the rest is the client (encode, decode) and the wire.
+        server = {k: round(float(np.median([s[k] for s in steps])), 3) for k in steps[0]}
+        server["client_and_wire"] = round(out["binary"]["p50_s"] - sum(server.values()), 3)
+        out["binary"]["server_steps_s"] = server
     payload = {
         "genes": list(genes),
         "matrix": {"indptr": X.indptr.tolist(), "indices": X.indices.tolist(), "data": X.data.tolist(), "shape": list(X.shape)},
@@ -212,6 +217,7 @@ def main() -> None:
     b, j, js = results["binary"], results["json"], results["json_seed"]
     print(f"\n{args.cells:,} cells: engine alone p50 {results['engine_in_process']['p50_s']} s; binary p50 {b['p50_s']} s ({b['cells_per_s']:,} cells/s); JSON p50 {j['p50_s']} s "
           f"({j['cells_per_s']:,} cells/s); JSON as the articles send it p50 {js['p50_s']} s")
+    print("binary request, median seconds per step: " + ", ".join(f"{k} {v}" for k, v in b["server_steps_s"].items()))
     if args.large:
         L = results["annotate_large"]
         print(f"annotate_large {L['cells']:,} cells: {L['seconds']} s ({L['cells_per_s']:,} cells/s), client peak RSS {L['peak_rss_mb']} MB "

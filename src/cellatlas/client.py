@@ -129,6 +129,8 @@ class Client:
             self._http.headers.update(headers)
         self._limits: dict[str, Any] | None = None
         self.last_usage: dict[str, Any] | None = None
+        self.last_server_timing: str | None = None
+        """``Server-Timing`` of the last response: milliseconds per server step (read, parse, engine, hash, respond)."""
 
     # ------------------------------------------------------------ lifecycle
     def close(self) -> None:
@@ -345,6 +347,7 @@ class Client:
                 continue
             if r.status_code >= 400:
                 raise error_from_response(r)
+            self.last_server_timing = r.headers.get("server-timing")
             return r
         raise AssertionError("unreachable")  # pragma: no cover
 

@@ -195,6 +195,9 @@ def test_idempotency_key_replays_identical_response_once_charged(keyed, cells, c
     b = tc.post("/v1/singlecell/annotate", json=csr_payload(X, genes), headers=h)
     assert a.status_code == b.status_code == 200
     assert a.content == b.content and b.headers["idempotent-replayed"] == "true"
+    steps = dict(part.split(";dur=") for part in a.headers["server-timing"].split(", "))
+    assert list(steps) == ["read", "parse", "engine", "hash", "respond"] and float(steps["engine"]) > 0
+    assert "server-timing" not in b.headers  # a replay runs nothing
     assert _balance(app, key_id) == 499
     c = tc.post("/v1/singlecell/annotate", json=csr_payload(X[:10], genes), headers=h)
     assert c.status_code == 422 and c.json()["error"]["code"] == "idempotency_key_reused"

@@ -4,7 +4,9 @@ replay an earlier response for the same Idempotency-Key (the body hash runs
 in the background and is waited for only when there is one to compare) -> decode body ->
 parse -> refuse early (402) if the key cannot pay -> run the engine in a
 worker thread (bounded queue, 429 when full) -> charge and store the response
-in one transaction -> respond. Nothing is charged when any step fails.
+in one transaction -> respond. Nothing is charged when any step fails. A
+``Server-Timing`` header gives the milliseconds of each step (read, parse, engine,
+hash wait, respond = render + ledger).
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import os
+import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable, Mapping
@@ -71,7 +74,9 @@ async def run_billed(
     settings, ledger = state.settings, state.ledger
     key_id = principal.key_id if principal is not None else None
     idem = idempotency_key(request)
+    marks = [("start", time.perf_counter())]
     raw = await request.body()
+    marks.append(("read", time.perf_counter()))
     # The body hash (needed to store the response, or to check a replay) runs beside
     # decoding, parsing and the engine instead of before them.
     hashing = _HASHER.submit(request_hash, request, raw) if idem else None
@@ -95,8 +100,11 @@ async def run_billed(
     if parsed.model is not None:
         await run_in_threadpool(lambda: model_status(parsed.model, settings=settings))  # unknown name -> 404 now
     await run_in_threadpool(ledger.check_balance, key_id, parsed.n_cells)
+    marks.append(("parse", time.perf_counter()))
     output = await run_job(request, work, parsed)
+    marks.append(("engine", time.perf_counter()))
     req_hash = await asyncio.wrap_future(hashing) if hashing is not None else ""
+    marks.append(("hash", time.perf_counter()))
     rid = request_id(request)
     charge = await run_in_threadpool(
         lambda: ledger.charge(
@@ -110,8 +118,10 @@ async def run_billed(
             media_type=media_type,
         )
     )
+    marks.append(("respond", time.perf_counter()))
     state.metrics.observe_work(endpoint, charge.cells, charge.credits_charged, charge.replayed)
-    return charge_response(charge, rid)
+    timing = ", ".join(f"{name};dur={1000 * (t - marks[i][1]):.1f}" for i, (name, t) in enumerate(marks[1:]))
+    return charge_response(charge, rid, {"Server-Timing": timing})
 
 
 async def run_job(request: Request, work: Callable[[Parsed], Any], parsed: Parsed) -> Any:
@@ -131,9 +141,9 @@ async def run_job(request: Request, work: Callable[[Parsed], Any], parsed: Parse
         state.metrics.job_finished()
 
 
-def charge_response(charge: Charge, rid: str) -> Response:
+def charge_response(charge: Charge, rid: str, extra_headers: Mapping[str, str] | None = None) -> Response:
     """HTTP response for a (possibly replayed) charge, with usage headers."""
-    headers = {"X-Request-ID": rid, "X-Credits-Charged": str(charge.credits_charged)}
+    headers = {"X-Request-ID": rid, "X-Credits-Charged": str(charge.credits_charged), **(extra_headers or {})}
     if charge.credits_left is not None:
         headers["X-Credits-Remaining"] = str(charge.credits_left)
     if charge.replayed:
