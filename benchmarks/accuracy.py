@@ -101,15 +101,18 @@ def baron_pseudo_cells():
     a.obs_names = [f"pseudo{i}" for i in range(a.n_obs)]
     a.obs["cell_type"] = labels
     a.obs["truth"] = hm.harmonise(labels, hm.PANCREAS)
+    a.uns["reference_kind"] = "profiles"
     return a
 
 
 # ---------------------------------------------------------------------- engine
 def build(adata, table: dict, name: str, marker_labels="reference"):
+    """An atlas from ``adata`` (pseudo-cells made from profiles say so in ``uns['reference_kind']``)."""
     from cellatlas.atlas_build import build_atlas
 
     t0 = time.perf_counter()
-    atlas = build_atlas(adata, "cell_type", name=name, label_map=table, marker_labels=marker_labels, **BUILD)
+    kind = str(adata.uns.get("reference_kind", "cells"))
+    atlas = build_atlas(adata, "cell_type", name=name, label_map=table, marker_labels=marker_labels, reference_kind=kind, **BUILD)
     log(f"built atlas {name}: {atlas.meta['provenance']['n_reference_cells']} cells, "
         f"{len(atlas.meta['candidates'])} candidates in {time.perf_counter() - t0:.1f} s")
     return atlas

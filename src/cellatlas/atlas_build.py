@@ -6,6 +6,13 @@ derive marker sets from the reference and merge them with the curated ones, reco
 neighbour-distance and marker-score statistics (for out-of-distribution flags),
 lay the reference out in 2-D, and fit the confidence calibration on held-out
 reference cells (folds by donor/batch where known).
+
+A reference may be cells (``reference_kind="cells"``) or pseudo-cells sampled from
+averaged per-type profiles (``"profiles"``). Pseudo-cells vary within a label only by
+sampling noise, so for them the panel's variable genes are chosen on the label means
+(between-type variation; on the pseudo-cells the choice is mostly noise), and the
+encoder works on log1p values without per-gene scaling (a gene's pseudo-cell variance
+measures sampling noise, not its spread in real cells). The kind is recorded in the atlas.
 """
 
 from __future__ import annotations
@@ -29,11 +36,33 @@ from cellatlas.query import Query, prepare_query
 from cellatlas.runtime import AtlasRuntime, neighbour_stats
 
 GROUP_KEYS = ("donor", "batch", "sample", "sample_id")
+REFERENCE_KINDS = ("cells", "profiles")
 MIN_CELLS_PER_LABEL = 5
 MIN_MARKERS = 3
 RICH_CURATED = 5
 """A label with this many curated positive markers keeps only those (plus derived negatives)."""
 """A marker-defined label needs this many positive markers of its own to be a candidate."""
+
+
+def label_means(counts: sp.csr_matrix, labels: np.ndarray) -> sp.csr_matrix:
+    """Mean counts per label (rows in sorted label order).
+
+    Parameters
+    ----------
+    counts
+        Cells x genes counts.
+    labels
+        Label per cell.
+
+    Returns
+    -------
+    scipy.sparse.csr_matrix
+        ``[n_labels, n_genes]`` float32.
+    """
+    names, codes = np.unique(np.asarray(labels, dtype=object).astype(str), return_inverse=True)
+    n = np.bincount(codes, minlength=len(names)).astype(np.float64)
+    onehot = sp.csr_matrix((1.0 / n[codes], (codes, np.arange(len(codes)))), shape=(len(names), len(codes)))
+    return sp.csr_matrix(onehot @ sp.csr_matrix(counts, dtype=np.float64), dtype=np.float32)
 
 
 def _hvg(counts: sp.csr_matrix, genes: list[str], n_top: int) -> list[str]:
@@ -106,8 +135,10 @@ def assemble(
     n_hvg: int = 2000,
     n_pcs: int = 50,
     transform: str = "rank",
+    reference_kind: str = "cells",
 ) -> Atlas:
     """An atlas without layout or calibration (used by the build and its cross-validation)."""
+    profiles = reference_kind == "profiles"
     ref_labels = sorted(set(labels.tolist()))
     codes = np.searchsorted(np.asarray(ref_labels, dtype=object), labels).astype(np.int32)
     rows, parents = _label_rows(ref_labels, list(marker_labels), ontology or {})
@@ -131,7 +162,8 @@ def assemble(
     sets = _effective_markers([r["label"] for r in rows], base, parents)
     have = set(query.genes)
     marker_genes = {g for lab in ref_labels for g in sets[lab]["positive"]} & have
-    panel = sorted(set(_hvg(query.counts, query.genes, n_hvg)) | marker_genes)
+    hvg_source = label_means(query.counts, labels) if profiles else query.counts
+    panel = sorted(set(_hvg(hvg_source, query.genes, n_hvg)) | marker_genes)
     every_marker = {g for lab in candidates for side in ("positive", "negative") for g in sets[lab][side]}
     # Marker genes the reference never measured are stored as zero columns: a reference's
     # gene filter (e.g. min.cells) removes only genes it does not express.
@@ -156,7 +188,7 @@ def assemble(
         "ref_layout": np.zeros((len(labels), 2), dtype=np.float32),
     }
     if model == "default":
-        enc = DefaultEncoder.fit(panel_counts, panel, panel, n_pcs=n_pcs, transform=transform)
+        enc = DefaultEncoder.fit(panel_counts, panel, panel, n_pcs=n_pcs, transform=transform, scale=not profiles)
         emb = enc.embed(panel_counts, panel)
         for k, v in enc.state().items():
             arrays[f"model__default__state__{k}"] = v
@@ -170,6 +202,7 @@ def assemble(
         r["source"] = "reference" if r["n_cells"] else ("markers" if r["label"] in candidates else "hierarchy")
     meta = {
         "name": name,
+        "reference_kind": reference_kind,
         "labels": rows,
         "candidates": candidates,
         "markers": sets,
@@ -275,7 +308,8 @@ def build_atlas(
     model_path: str | Path | None = None,
     n_hvg: int = 2000,
     n_pcs: int = 50,
-    transform: str = "rank",
+    transform: str | None = None,
+    reference_kind: str = "cells",
     calibrate_folds: int = 5,
     layout: str = "umap",
     seed: int = 0,
@@ -301,6 +335,12 @@ def build_atlas(
         marker-defined label, for cells the reference does not cover) or a list.
     model, model_path
         Encoder to embed the reference with (``default`` is fitted here).
+    transform
+        Encoder transform: ``"rank"`` or ``"log1p"``; default ``"rank"`` for cells and
+        ``"log1p"`` for profiles.
+    reference_kind
+        ``"cells"`` (single cells) or ``"profiles"`` (pseudo-cells sampled from averaged
+        per-type profiles; see the module docstring for what changes).
     calibrate_folds
         Folds of held-out reference cells for the confidence calibration (0 = skip).
     layout
@@ -324,6 +364,14 @@ def build_atlas(
             fix="Pass --label-key with the column holding cell-type labels.",
             field="label_key",
         )
+    if reference_kind not in REFERENCE_KINDS:
+        raise InputError(
+            f"reference_kind must be one of {', '.join(REFERENCE_KINDS)}, not '{reference_kind}'.",
+            fix="Pass 'cells' for single cells or 'profiles' for pseudo-cells made from averaged profiles.",
+            field="reference_kind",
+        )
+    if transform is None:
+        transform = "log1p" if reference_kind == "profiles" else "rank"
     raw_labels = source.obs[label_key].astype(str).to_numpy()
     labels = np.array([(label_map or {}).get(x, x) for x in raw_labels], dtype=object)
     vc = pd.Series(labels).value_counts()
@@ -350,7 +398,7 @@ def build_atlas(
         embedding = encoder.embed(query.counts, query.genes)
     kw = dict(
         name=name, marker_labels=list(marker_labels), ontology=ontology, model=model, encoder=encoder,
-        embedding=embedding, n_hvg=n_hvg, n_pcs=n_pcs, transform=transform,
+        embedding=embedding, n_hvg=n_hvg, n_pcs=n_pcs, transform=transform, reference_kind=reference_kind,
     )
     log("fitting encoder, markers and statistics")
     atlas = assemble(query, labels, **kw)
@@ -373,7 +421,8 @@ def build_atlas(
                 "n_reference_cells": int(adata.n_obs),
                 "gene_report": query.report,
                 "built": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-                "settings": {"n_hvg": n_hvg, "n_pcs": n_pcs, "transform": transform, "seed": seed},
+                "settings": {"n_hvg": n_hvg, "n_pcs": n_pcs, "transform": transform, "seed": seed,
+                             "reference_kind": reference_kind},
             },
         }
     )

@@ -132,6 +132,9 @@ def atlas_build(
     layer: Optional[str] = typer.Option(None, help="AnnData layer holding counts."),
     calibrate_folds: int = typer.Option(5, help="Cross-validation folds for calibration (0 = skip)."),
     layout: str = typer.Option("umap", help="2-D layout of the reference: umap or pca (fast)."),
+    reference_kind: str = typer.Option(
+        "cells", "--reference-kind", help="'cells', or 'profiles' for pseudo-cells sampled from averaged per-type profiles."
+    ),
 ):
     """Build an atlas file from a labelled reference."""
     from cellatlas.atlas_build import build_atlas
@@ -140,7 +143,8 @@ def atlas_build(
     name = name or reference.name.split(".")[0]
     atlas = build_atlas(
         reference, label_key, name=name, version=version, model=model, model_path=model_path, marker_labels=marker_labels,
-        ontology_key=ontology_key, layer=layer, calibrate_folds=calibrate_folds, layout=layout, log=lambda m: err.print(f"[dim]{m}[/]"),
+        ontology_key=ontology_key, layer=layer, calibrate_folds=calibrate_folds, layout=layout,
+        reference_kind=reference_kind, log=lambda m: err.print(f"[dim]{m}[/]"),
     )
     dest = output or get_settings().resolved_atlas_dir / name
     path = atlas.save(dest)

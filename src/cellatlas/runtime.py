@@ -161,7 +161,10 @@ class AtlasRuntime:
         genes = [g for g in atlas.ref_genes if g in have]
         gi = {g: i for i, g in enumerate(atlas.ref_genes)}
         ref = atlas.reference_counts()[:, np.array([gi[g] for g in genes])]
-        self.encoder = DefaultEncoder.fit(ref, genes, genes, n_pcs=int(state["components"].shape[0]), transform=str(state["transform"]))
+        self.encoder = DefaultEncoder.fit(
+            ref, genes, genes, n_pcs=int(state["components"].shape[0]), transform=str(state["transform"]),
+            scale=bool(state.get("scaled", True)),
+        )
         self.ref_emb = self.encoder.embed(ref, genes)
         self.dist = neighbour_stats(self.ref_emb)
         self.report.update({"panel_adapted": True, "adapted_panel_genes": len(genes)})

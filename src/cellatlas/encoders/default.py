@@ -8,7 +8,9 @@ Every step is sparse-aware: the projection of a (cells x panel) CSR matrix is
 chunk is ever densified. ``T`` is ``log1p`` of counts per 10,000 panel counts
 (``transform="log1p"``) or the within-cell rank score of each expressed panel
 gene (``transform="rank"``, robust to depth and to differences between
-technologies).
+technologies). Genes are scaled to unit variance before the PCA (``scale=True``)
+unless the reference's within-label variation is only sampling noise (pseudo-cells
+drawn from averaged profiles), where that variance is no measure of a gene's spread.
 """
 
 from __future__ import annotations
@@ -53,11 +55,14 @@ class DefaultEncoder:
         Principal axes ``[n_pcs, n_panel]``.
     transform
         ``"log1p"`` or ``"rank"`` (see module docstring).
+    scaled
+        Whether ``std`` holds the genes' standard deviations (``False``: all ones, the
+        PCA was fitted on centred values only). Recorded so a refit can do the same.
     """
 
     name = "default"
 
-    def __init__(self, panel: Sequence[str], mean: np.ndarray, std: np.ndarray, components: np.ndarray, transform: str = "rank"):
+    def __init__(self, panel: Sequence[str], mean: np.ndarray, std: np.ndarray, components: np.ndarray, transform: str = "rank", scaled: bool = True):
         if transform not in TRANSFORMS:
             raise ValueError(f"transform must be one of {TRANSFORMS}")
         self.panel = [str(g) for g in panel]
@@ -65,6 +70,7 @@ class DefaultEncoder:
         self.std = np.asarray(std, dtype=np.float32)
         self.components = np.asarray(components, dtype=np.float32)
         self.transform = transform
+        self.scaled = bool(scaled)
         self._index = {g: i for i, g in enumerate(self.panel)}
         self._w = (self.components / self.std[None, :]).T.astype(np.float32)  # [panel, d]
         self._offset = ((self.mean / self.std) @ self.components.T).astype(np.float32)
@@ -84,16 +90,20 @@ class DefaultEncoder:
         *,
         n_pcs: int = 50,
         transform: str = "rank",
+        scale: bool = True,
         seed: int = 0,
     ) -> "DefaultEncoder":
-        """Fit on reference counts restricted to ``panel`` (genes absent from ``genes`` are an error)."""
+        """Fit on reference counts restricted to ``panel`` (genes absent from ``genes`` are an error).
+
+        With ``scale=False`` the PCA sees centred, unscaled values (``std`` is all ones).
+        """
         cols = _columns(genes, panel)
         x = _transform(sp.csr_matrix(counts)[:, cols], transform)
         n = x.shape[0]
         mean = np.asarray(x.mean(axis=0)).ravel()
         sq = np.asarray(x.multiply(x).mean(axis=0)).ravel()
         std = np.sqrt(np.maximum(sq - mean**2, 0.0))
-        std = np.maximum(std, 1e-2 if transform == "rank" else 1e-1)
+        std = np.maximum(std, 1e-2 if transform == "rank" else 1e-1) if scale else np.ones_like(mean)
         k = int(min(n_pcs, n - 1, len(panel) - 1))
         # Centre/scale densely in float32: the reference is small (bounded at build time).
         z = (x.toarray() - mean) / std
@@ -103,7 +113,7 @@ class DefaultEncoder:
         # Deterministic sign: largest-magnitude loading positive.
         signs = np.sign(vt[np.arange(k), np.abs(vt).argmax(axis=1)])
         vt *= signs[:, None]
-        return cls(panel, mean, std, vt, transform=transform)
+        return cls(panel, mean, std, vt, transform=transform, scaled=scale)
 
     # ----------------------------------------------------------------- embedding
     def embed(self, counts: sp.csr_matrix, genes: Sequence[str]) -> np.ndarray:
@@ -155,6 +165,7 @@ class DefaultEncoder:
             "std": self.std,
             "components": self.components,
             "transform": np.asarray(self.transform),
+            "scaled": np.asarray(self.scaled),
         }
 
     @classmethod
@@ -165,6 +176,7 @@ class DefaultEncoder:
             state["std"],
             state["components"],
             transform=str(state["transform"]),
+            scaled=bool(state.get("scaled", True)),
         )
 
 
