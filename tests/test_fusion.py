@@ -60,6 +60,14 @@ def test_calibration_fit_and_ece():
     assert fusion.expected_calibration_error(np.ones(2000), y) > 0.2
 
 
+def test_calibration_without_held_out_errors_gives_the_smoothed_accuracy():
+    x = np.random.default_rng(1).normal(size=(300, len(fusion.CALIBRATION_FEATURES)))
+    cal = fusion.fit_calibration(x, np.ones(300, dtype=bool))
+    conf = fusion.apply_calibration(x, np.array(cal["coef"]), cal["intercept"])
+    # nothing distinguishes right from wrong calls: every call gets (300 + 1) / (300 + 2)
+    assert np.allclose(conf, 301 / 302, atol=2e-3) and cal["summary"]["accuracy"] == 1.0
+
+
 def test_fuse_is_geometric_mean():
     a = np.array([[0.8, 0.2]])
     b = np.array([[0.2, 0.8]])

@@ -212,15 +212,21 @@ def apply_calibration(features: np.ndarray, coef: np.ndarray, intercept: float) 
 
 
 def fit_calibration(features: np.ndarray, correct: np.ndarray) -> dict:
-    """Fit the logistic confidence model on held-out reference calls; returns its parameters and ECE."""
+    """Fit the logistic confidence model on held-out reference calls; returns its parameters and ECE.
+
+    Targets are smoothed as in Platt (1999): a right call counts as ``(N+ + 1) / (N+ + 2)``
+    right and a wrong one as ``1 / (N- + 2)``, so a held-out set with few or no errors
+    (e.g. pseudo-cells drawn from averaged profiles, which are all called right) gives
+    a confidence near its smoothed accuracy instead of an undefined fit.
+    """
     from sklearn.linear_model import LogisticRegression
 
-    y = np.asarray(correct, dtype=int)
-    if y.min() == y.max():  # all right or all wrong: fall back to the raw mass
-        coef = np.zeros(features.shape[1])
-        coef[0] = 1.0
-        return {"coef": coef.tolist(), "intercept": 0.0, "n": int(len(y)), "summary": {"n": int(len(y)), "note": "degenerate"}}
-    lr = LogisticRegression(C=1.0, max_iter=1000).fit(features, y)
+    y = np.asarray(correct, dtype=bool)
+    n_pos, n_neg = int(y.sum()), int((~y).sum())
+    target = np.where(y, (n_pos + 1.0) / (n_pos + 2.0), 1.0 / (n_neg + 2.0))
+    X = np.vstack([features, features])
+    labels = np.r_[np.ones(len(y), dtype=int), np.zeros(len(y), dtype=int)]
+    lr = LogisticRegression(C=1.0, max_iter=1000).fit(X, labels, sample_weight=np.r_[target, 1.0 - target])
     p = lr.predict_proba(features)[:, 1]
     return {
         "coef": lr.coef_[0].tolist(),
