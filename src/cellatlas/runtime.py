@@ -62,6 +62,21 @@ def marker_standardisation(ref_scores: np.ndarray, ref_codes: np.ndarray, ref_to
     return centre.astype(np.float32), np.maximum(scale, 0.02).astype(np.float32)
 
 
+def core_genes(atlas: Atlas) -> list[str]:
+    """Stored genes that the encoder and the candidates' marker scores read: the panel and candidate markers.
+
+    Genes stored only for foils (see ``atlas_build._foil_sets``) are left out, so storing
+    them changes no call.
+    """
+    if not atlas.meta.get("foils"):
+        return list(atlas.ref_genes)
+    sets = atlas.marker_sets
+    keep = set(atlas.panel) | {
+        g for c in atlas.meta["candidates"] for side in ("positive", "negative") for g in sets.get(c, {}).get(side, [])
+    }
+    return [g for g in atlas.ref_genes if g in keep]
+
+
 def neighbour_stats(emb: np.ndarray, k: int = fusion.K_NEIGHBOURS) -> dict[str, float]:
     """Median and MAD of each reference cell's mean distance to its k nearest other cells."""
     index = faiss.IndexFlatIP(emb.shape[1])
@@ -156,7 +171,7 @@ class AtlasRuntime:
             return
         # Some panel genes are missing: refit on every gene the query shares with the stored
         # reference (panel + marker genes), never zero-filling the missing ones.
-        genes = [g for g in atlas.ref_genes if g in have]
+        genes = [g for g in core_genes(atlas) if g in have]
         gi = {g: i for i, g in enumerate(atlas.ref_genes)}
         ref = atlas.reference_counts()[:, np.array([gi[g] for g in genes])]
         self.encoder = DefaultEncoder.fit(ref, genes, genes, n_pcs=int(state["components"].shape[0]), transform=str(state["transform"]))
@@ -178,31 +193,61 @@ class AtlasRuntime:
         # ranked within that universe for both, so reference statistics apply to the query.
         have = {g: i for i, g in enumerate(self.genes)}
         ref_genes = atlas.ref_genes
-        universe = [g for g in ref_genes if g in have]
+        universe = [g for g in core_genes(atlas) if g in have]
+        gi = {g: i for i, g in enumerate(ref_genes)}
         self.q_cols = np.array([have[g] for g in universe], dtype=np.int64)
-        r_cols = np.array([i for i, g in enumerate(ref_genes) if g in have], dtype=np.int64)
+        r_cols = np.array([gi[g] for g in universe], dtype=np.int64)
         self.universe = universe
         self.compiled = compile_markers({c: sets[c] for c in self.candidates}, universe)
         node_sets = {n: sets.get(n, {"positive": [], "negative": []}) for n in self.hierarchy.nodes}
         self.node_markers = compile_markers(node_sets, universe)
         ref = atlas.reference_counts()[:, r_cols].tocsr()
         self.ref_depth = float(np.median(np.asarray(ref.sum(axis=1)).ravel()))
-        levels = [
-            marker_standardisation(
-                score_markers(rank_scores(thin(ref, 0.5**lv) if lv else ref), self.compiled, ranked=True),
-                self.ref_codes,
-                self.ref_to_cand,
-            )
-            for lv in range(DEPTH_LEVELS)
-        ]
+        levels = []
+        for lv in range(DEPTH_LEVELS):
+            raw = score_markers(rank_scores(thin(ref, 0.5**lv) if lv else ref), self.compiled, ranked=True)
+            levels.append(marker_standardisation(raw, self.ref_codes, self.ref_to_cand))
+            if lv == 0:  # the reference's own standardised scores, to judge which foils are usable
+                ref_std = (raw - levels[0][0]) / levels[0][1]
         self.marker_centre = np.stack([c for c, _ in levels])  # [levels, candidates]
         self.marker_scale = np.stack([s for _, s in levels])
+        self._init_foils(atlas, have, ref_std)
         self.ontology = np.array(
             [labels["ontology_id"].get(n, "") if isinstance(labels["ontology_id"].get(n, ""), str) else "" for n in self.hierarchy.nodes],
             dtype=object,
         )
         cov = self.compiled.coverage
         self.report["marker_coverage"] = {c: round(float(v), 3) for c, v in zip(self.candidates, cov)}
+
+    def _init_foils(self, atlas: Atlas, have: dict[str, int], ref_std: np.ndarray) -> None:
+        """Curated types the atlas cannot call, scored on every stored gene the query has.
+
+        They are ranked over their own gene universe (stored panel, candidate and foil
+        genes) so that adding them leaves the candidates' scores exactly as before.
+        """
+        foils = atlas.meta.get("foils") or {}
+        self.foils: list[str] = []
+        if not foils:
+            return
+        universe = [g for g in atlas.ref_genes if g in have]
+        gi = {g: i for i, g in enumerate(atlas.ref_genes)}
+        self.f_cols = np.array([have[g] for g in universe], dtype=np.int64)
+        ref = atlas.reference_counts()[:, np.array([gi[g] for g in universe], dtype=np.int64)].tocsr()
+        compiled = compile_markers(foils, universe)
+        levels = []
+        for lv in range(DEPTH_LEVELS):
+            raw = score_markers(rank_scores(thin(ref, 0.5**lv) if lv else ref), compiled, ranked=True)
+            levels.append(fusion.foil_standardisation(raw, self.marker_scale[lv]))
+            if lv == 0:  # which foils may flag cells, judged on the reference's own cells
+                ref_foil = (raw - levels[0][0]) / levels[0][1]
+        present = set(universe)
+        coverage = np.array([np.mean([g in present for g in (foils[f].get("own") or foils[f]["positive"])]) for f in compiled.labels])
+        cols = np.nonzero(fusion.usable_foils(coverage, ref_std, ref_foil, self.ref_codes))[0]
+        self.foils = [compiled.labels[j] for j in cols]
+        self.foil_markers = compile_markers({f: foils[f] for f in self.foils}, universe)
+        self.foil_centre = np.stack([c[cols] for c, _ in levels])  # [levels, usable foils]
+        self.foil_scale = np.stack([sc[cols] for _, sc in levels])
+        self.report["novel_foils"] = list(self.foils)
 
     # ------------------------------------------------------------------ scoring
     def score(self, counts: sp.csr_matrix) -> Scored:
@@ -233,6 +278,12 @@ class AtlasRuntime:
         rows = np.arange(len(knn_cand))
         misfit = s.max(axis=1) < NOVEL_FIT
         novel = misfit & ((s[rows, knn_cand] < NOVEL_NEIGHBOUR_FIT) | (z > NOVEL_Z))
+        # ...or a curated type the atlas cannot call fits better than every label it can, and the
+        # neighbours' label fits no better than a label must for the cell to count as fitting at all.
+        if self.foils:
+            f_ranks = rank_scores(counts[:, self.f_cols].tocsr())
+            f = (score_markers(f_ranks, self.foil_markers, ranked=True) - self.foil_centre[level]) / self.foil_scale[level]
+            novel |= (fusion.foil_lead(s, f) > 0) & (s[rows, knn_cand] < NOVEL_FIT)
         return Scored(emb, sim, idx, p_knn, p_marker, s, fused, call, coarse, z, o, feats, conf, novel, ranks)
 
     def place(self, counts: sp.csr_matrix) -> tuple[np.ndarray, np.ndarray]:
