@@ -116,3 +116,16 @@ def test_grouping_nodes_are_not_candidates():
     at = load_atlas("human-core")
     parents = {p for p in at.labels["parent"] if isinstance(p, str) and p}
     assert not parents & set(at.meta["candidates"]) - set(at.reference_labels)
+
+
+def test_foils_are_absent_leaf_types_outside_the_candidates():
+    from cellatlas.atlas_build import _foil_sets
+    from cellatlas.markers import load_curated_markers
+
+    curated = load_curated_markers()
+    foils = _foil_sets(["CD4 T cell", "B cell"], {"T cell", "Lymphocyte", "Leukocyte"}, curated)
+    assert "NK cell" in foils and "B cell" not in foils
+    assert "Naive CD4 T cell" not in foils  # a finer type of a candidate is not novel
+    assert "T cell" not in foils            # grouping nodes never
+    nk = foils["NK cell"]
+    assert set(nk["own"]) == set(curated["NK cell"]["positive"]) and set(nk["own"]) <= set(nk["positive"])

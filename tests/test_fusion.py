@@ -84,3 +84,27 @@ def test_marker_ood_needs_a_clear_lead():
     ])
     o = fusion.marker_ood(s, marker_only)
     assert o[0] > 0.8 and o[1] == 0 and o[2] == 0
+
+
+def test_foil_lead_flags_a_better_fitting_absent_type():
+    s = np.array([[1.0, 0.1], [0.1, 0.2], [0.9, 0.0]])
+    f = np.array([[0.3, 0.0], [0.8, 0.1], [0.2, 0.95]])
+    lead = fusion.foil_lead(s, f)
+    assert lead[0] < 0 and lead[1] > 0 and lead[2] > 0
+    assert np.all(np.isneginf(fusion.foil_lead(s, np.zeros((3, 0)))))
+
+
+def test_usable_foils_drop_unmeasured_and_reference_owned_types():
+    codes = np.array([0] * 10 + [1] * 10)
+    ref_std = np.full((20, 2), 0.0)
+    ref_std[:10, 0] = ref_std[10:, 1] = 1.0
+    ref_foil = np.zeros((20, 3))
+    ref_foil[10:19, 1] = 2.0  # foil 1 beats every candidate on 90% of label 1: it *is* label 1
+    ref_foil[0, 2] = 2.0      # foil 2 beats on one cell of label 0 (10%): a minority, kept
+    keep = fusion.usable_foils(np.array([0.2, 1.0, 0.8]), ref_std, ref_foil, codes)
+    assert keep.tolist() == [False, False, True]  # foil 0 has too few of its markers measured
+
+
+def test_foil_standardisation_uses_reference_mean_and_median_gap():
+    centre, scale = fusion.foil_standardisation(np.array([[0.1, 0.0], [0.3, 0.2]]), np.array([0.2, 0.4, 0.6]))
+    assert np.allclose(centre, [0.2, 0.1]) and np.allclose(scale, [0.4, 0.4])

@@ -129,7 +129,7 @@ def _check_model(model: str, model_path) -> None:
 
 def _annotate_chunk(rt: AtlasRuntime, query: Query, plan, rows: slice) -> AnnotationResult:
     if rt.model == DEFAULT_MODEL:  # read only the atlas's genes, straight from the input columns
-        sc = rt.score(None, universe=query.take(plan, rows.start, rows.stop))
+        sc = rt.score(None, stored=query.take(plan, rows.start, rows.stop))
     else:
         sc = rt.score(row_block(query.counts, rows.start, rows.stop))
     nodes = np.asarray(rt.hierarchy.nodes, dtype=object)
@@ -228,7 +228,7 @@ def embed(
     for start in range(0, query.n_cells, size):
         stop = min(start + size, query.n_cells)
         if rt.model == DEFAULT_MODEL:
-            emb, lay = rt.place(None, universe=query.take(plan, start, stop))
+            emb, lay = rt.place(None, stored=query.take(plan, start, stop))
         else:
             emb, lay = rt.place(row_block(query.counts, start, stop))
         embs.append(emb)

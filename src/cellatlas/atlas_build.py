@@ -160,11 +160,13 @@ def assemble(
         if m not in ref_labels and m not in grouping and len(base.get(m, {}).get("positive", [])) >= MIN_MARKERS
     ]
     sets = _effective_markers([r["label"] for r in rows], base, parents)
+    foils = _foil_sets(candidates, grouping, curated)
     have = set(query.genes)
     marker_genes = {g for lab in ref_labels for g in sets[lab]["positive"]} & have
     hvg_source = label_means(query.counts, labels) if profiles else query.counts
     panel = sorted(set(_hvg(hvg_source, query.genes, n_hvg)) | marker_genes)
     every_marker = {g for lab in candidates for side in ("positive", "negative") for g in sets[lab][side]}
+    every_marker |= {g for f in foils.values() for side in ("positive", "negative") for g in f[side]}
     # Marker genes the reference never measured are stored as zero columns: a reference's
     # gene filter (e.g. min.cells) removes only genes it does not express.
     stored = sorted(set(panel) | every_marker)
@@ -206,9 +208,43 @@ def assemble(
         "labels": rows,
         "candidates": candidates,
         "markers": sets,
+        "foils": foils,
         "models": {model: {"fingerprint": enc.fingerprint(), "dim": int(emb.shape[1]), "neighbours": neighbour_stats(emb)}},
     }
     return Atlas(meta=meta, arrays=arrays)
+
+
+def _foil_sets(candidates: Sequence[str], grouping: set[str], curated: dict[str, dict]) -> dict[str, dict]:
+    """Curated cell types the atlas cannot call, as marker sets for the novel-type rule.
+
+    A foil is a leaf of the curated vocabulary with at least ``MIN_MARKERS`` positive markers
+    that is neither a candidate, a grouping node nor a descendant of a candidate (a finer
+    type of a label the atlas has is not novel). Sets are built like the candidates' (own
+    positives plus the parent's, every ancestor's negatives); ``own`` keeps the foil's own
+    positives, whose coverage decides whether it is usable. See ``fusion.foil_lead``.
+    """
+    table = load_labels()
+    parents = {lab: (p if isinstance(p, str) else "") for lab, p in table["parent"].items()}
+    cand = set(candidates)
+
+    def under_candidate(lab: str) -> bool:
+        p = parents.get(lab, "")
+        while p:
+            if p in cand:
+                return True
+            p = parents.get(p, "")
+        return False
+
+    names = [
+        lab for lab in table.index
+        if lab not in cand and lab not in grouping and not under_candidate(lab)
+        and len(curated.get(lab, {}).get("positive", [])) >= MIN_MARKERS
+    ]
+    sets = _effective_markers(names, curated, parents)
+    return {
+        lab: {"positive": v["positive"], "negative": v["negative"], "own": list(curated[lab]["positive"])}
+        for lab, v in sets.items()
+    }
 
 
 def _folds(obs: pd.DataFrame | None, labels: np.ndarray, n_folds: int, seed: int) -> tuple[list[np.ndarray], str]:

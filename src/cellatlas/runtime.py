@@ -64,6 +64,21 @@ def marker_standardisation(ref_scores: np.ndarray, ref_codes: np.ndarray, ref_to
     return centre.astype(np.float32), np.maximum(scale, 0.02).astype(np.float32)
 
 
+def core_genes(atlas: Atlas) -> list[str]:
+    """Stored genes that the encoder and the candidates' marker scores read: the panel and candidate markers.
+
+    Genes stored only for foils (see ``atlas_build._foil_sets``) are left out, so storing
+    them changes no call.
+    """
+    if not atlas.meta.get("foils"):
+        return list(atlas.ref_genes)
+    sets = atlas.marker_sets
+    keep = set(atlas.panel) | {
+        g for c in atlas.meta["candidates"] for side in ("positive", "negative") for g in sets.get(c, {}).get(side, [])
+    }
+    return [g for g in atlas.ref_genes if g in keep]
+
+
 def neighbour_stats(emb: np.ndarray, k: int = fusion.K_NEIGHBOURS) -> dict[str, float]:
     """Median and MAD of each reference cell's mean distance to its k nearest other cells."""
     index = faiss.IndexFlatIP(emb.shape[1])
@@ -158,7 +173,7 @@ class AtlasRuntime:
             return
         # Some panel genes are missing: refit on every gene the query shares with the stored
         # reference (panel + marker genes), never zero-filling the missing ones.
-        genes = [g for g in atlas.ref_genes if g in have]
+        genes = [g for g in core_genes(atlas) if g in have]
         gi = {g: i for i, g in enumerate(atlas.ref_genes)}
         ref = atlas.reference_counts()[:, np.array([gi[g] for g in genes])]
         self.encoder = DefaultEncoder.fit(
@@ -181,10 +196,16 @@ class AtlasRuntime:
         sets = atlas.marker_sets
         # Marker evidence is read on the genes both the query and the stored reference have,
         # ranked within that universe for both, so reference statistics apply to the query.
-        # The universe keeps the query's column order, so selecting it keeps rows sorted.
+        # Every stored gene the query has is read once per chunk, in the query's column order
+        # (so the selection keeps rows sorted); candidates and the encoder use the core of
+        # them, foils all of them.
         ref_pos = {g: i for i, g in enumerate(atlas.ref_genes)}
         self.q_cols = np.array([i for i, g in enumerate(self.genes) if g in ref_pos], dtype=np.int64)
-        universe = [self.genes[i] for i in self.q_cols]
+        self.read_genes = [self.genes[i] for i in self.q_cols]
+        core = set(core_genes(atlas))
+        in_core = np.array([i for i, g in enumerate(self.read_genes) if g in core], dtype=np.int64)
+        self.core_plan = ColumnPlan.select(len(self.read_genes), in_core)
+        universe = [self.read_genes[i] for i in in_core]
         r_cols = np.array([ref_pos[g] for g in universe], dtype=np.int64)
         self.universe = universe
         self.q_plan = ColumnPlan.select(len(self.genes), self.q_cols)
@@ -193,16 +214,15 @@ class AtlasRuntime:
         self.node_markers = compile_markers(node_sets, universe)
         ref = atlas.reference_counts()[:, r_cols].tocsr()
         self.ref_depth = float(np.median(np.asarray(ref.sum(axis=1)).ravel()))
-        levels = [
-            marker_standardisation(
-                score_markers(rank_scores(thin(ref, 0.5**lv) if lv else ref), self.compiled, ranked=True),
-                self.ref_codes,
-                self.ref_to_cand,
-            )
-            for lv in range(DEPTH_LEVELS)
-        ]
+        levels = []
+        for lv in range(DEPTH_LEVELS):
+            raw = score_markers(rank_scores(thin(ref, 0.5**lv) if lv else ref), self.compiled, ranked=True)
+            levels.append(marker_standardisation(raw, self.ref_codes, self.ref_to_cand))
+            if lv == 0:  # the reference's own standardised scores, to judge which foils are usable
+                ref_std = (raw - levels[0][0]) / levels[0][1]
         self.marker_centre = np.stack([c for c, _ in levels])  # [levels, candidates]
         self.marker_scale = np.stack([s for _, s in levels])
+        self._init_foils(atlas, ref_std)
         self.ontology = np.array(
             [labels["ontology_id"].get(n, "") if isinstance(labels["ontology_id"].get(n, ""), str) else "" for n in self.hierarchy.nodes],
             dtype=object,
@@ -210,20 +230,50 @@ class AtlasRuntime:
         cov = self.compiled.coverage
         self.report["marker_coverage"] = {c: round(float(v), 3) for c, v in zip(self.candidates, cov)}
 
+    def _init_foils(self, atlas: Atlas, ref_std: np.ndarray) -> None:
+        """Curated types the atlas cannot call, scored on every stored gene the query has.
+
+        They are ranked over their own gene universe (stored panel, candidate and foil
+        genes) so that adding them leaves the candidates' scores exactly as before.
+        """
+        foils = atlas.meta.get("foils") or {}
+        self.foils: list[str] = []
+        if not foils:
+            return
+        universe = self.read_genes
+        gi = {g: i for i, g in enumerate(atlas.ref_genes)}
+        ref = atlas.reference_counts()[:, np.array([gi[g] for g in universe], dtype=np.int64)].tocsr()
+        compiled = compile_markers(foils, universe)
+        levels = []
+        for lv in range(DEPTH_LEVELS):
+            raw = score_markers(rank_scores(thin(ref, 0.5**lv) if lv else ref), compiled, ranked=True)
+            levels.append(fusion.foil_standardisation(raw, self.marker_scale[lv]))
+            if lv == 0:  # which foils may flag cells, judged on the reference's own cells
+                ref_foil = (raw - levels[0][0]) / levels[0][1]
+        present = set(universe)
+        coverage = np.array([np.mean([g in present for g in (foils[f].get("own") or foils[f]["positive"])]) for f in compiled.labels])
+        cols = np.nonzero(fusion.usable_foils(coverage, ref_std, ref_foil, self.ref_codes))[0]
+        self.foils = [compiled.labels[j] for j in cols]
+        self.foil_markers = compile_markers({f: foils[f] for f in self.foils}, universe)
+        self.foil_centre = np.stack([c[cols] for c, _ in levels])  # [levels, usable foils]
+        self.foil_scale = np.stack([sc[cols] for _, sc in levels])
+        self.report["novel_foils"] = list(self.foils)
+
     # ------------------------------------------------------------------ scoring
-    def score(self, counts: sp.csr_matrix | None, universe: sp.csr_matrix | None = None) -> Scored:
+    def score(self, counts: sp.csr_matrix | None, stored: sp.csr_matrix | None = None) -> Scored:
         """Score one chunk of cells.
 
         Parameters
         ----------
         counts
             Rows over ``self.genes`` (may be ``None`` for the default model when
-            ``universe`` is given).
-        universe
-            The same rows already read over ``self.universe`` (e.g. by
+            ``stored`` is given).
+        stored
+            The same rows already read over :attr:`read_genes` (e.g. by
             :meth:`cellatlas.query.Query.take` with :attr:`q_cols`), saving a selection.
         """
-        sub = universe if universe is not None else self.q_plan.apply(counts)
+        stored = stored if stored is not None else self.q_plan.apply(counts)
+        sub = self.core_plan.apply(stored)
         # The default encoder's genes are a subset of the universe: slice the matrix once.
         emb = self.encoder.embed(sub, self.universe) if self.model == "default" else self._foundation_embed(counts)
         k = min(fusion.K_NEIGHBOURS, self.index.ntotal)
@@ -249,12 +299,19 @@ class AtlasRuntime:
         rows = np.arange(len(knn_cand))
         misfit = s.max(axis=1) < NOVEL_FIT
         novel = misfit & ((s[rows, knn_cand] < NOVEL_NEIGHBOUR_FIT) | (z > NOVEL_Z))
+        # ...or a curated type the atlas cannot call fits better than every label it can, and the
+        # neighbours' label fits no better than a label must for the cell to count as fitting at all.
+        if self.foils:
+            f_ranks = rank_scores(stored)
+            f = (score_markers(f_ranks, self.foil_markers, ranked=True) - self.foil_centre[level]) / self.foil_scale[level]
+            novel |= (fusion.foil_lead(s, f) > 0) & (s[rows, knn_cand] < NOVEL_FIT)
         return Scored(emb, sim, idx, p_knn, p_marker, s, fused, call, coarse, z, o, feats, conf, novel, ranks)
 
-    def place(self, counts: sp.csr_matrix | None, universe: sp.csr_matrix | None = None) -> tuple[np.ndarray, np.ndarray]:
+    def place(self, counts: sp.csr_matrix | None, stored: sp.csr_matrix | None = None) -> tuple[np.ndarray, np.ndarray]:
         """Embedding and neighbour-weighted layout position only (no marker scoring; arguments as :meth:`score`)."""
         if self.model == "default":
-            emb = self.encoder.embed(universe if universe is not None else self.q_plan.apply(counts), self.universe)
+            stored = stored if stored is not None else self.q_plan.apply(counts)
+            emb = self.encoder.embed(self.core_plan.apply(stored), self.universe)
         else:
             emb = self._foundation_embed(counts)
         sim, idx = self.index.search(np.ascontiguousarray(emb), min(fusion.K_NEIGHBOURS, self.index.ntotal))
