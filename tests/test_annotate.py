@@ -203,3 +203,19 @@ def test_cells_of_a_type_missing_from_the_atlas_are_flagged(pbmc3k, drop, kang_l
     flagged = res.novel | (res.band == "low")
     assert flagged[new].mean() > min_flagged
     assert flagged[~new].mean() < 0.12
+
+
+def test_cells_placed_among_reference_cells_they_do_not_resemble_are_flagged():
+    """Yan's RPKM embryo cells land next to PBMC3k T cells in the built-in atlas's embedding.
+
+    Their neighbours' label (a T cell type) does not fit their markers while a marker-defined
+    label does; the call ("Lymphocyte") is neither, so they must be flagged novel, and the
+    same rule must leave a PBMC dataset's cells nearly all unflagged.
+    """
+    import anndata as ad
+
+    yan = ad.read_h5ad(shared_file("datasets", "human_preimplantation_embryo_yan2013_scmap_rpkm.h5ad"))
+    res = cellatlas.annotate(yan)
+    assert res.novel.mean() > 0.8
+    kang = ad.read_h5ad(shared_file("datasets", "human_pbmc_kang2018_muscat_example_sce.h5ad"))
+    assert cellatlas.annotate(kang).novel.mean() < 0.06

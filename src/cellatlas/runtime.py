@@ -37,6 +37,11 @@ NOVEL_NEIGHBOUR_FIT = 0.2
 """The cell does not look like its neighbours' label: that label's standardised marker score is below this."""
 NOVEL_Z = 3.0
 """...or the cell is this far (robust z of neighbour distance) from every reference cell."""
+MISPLACED_FIT = 0.6
+"""A marker-defined label fits this well (standardised) while the neighbours' label fits below
+NOVEL_NEIGHBOUR_FIT and the call is neither that label nor above it: flagged. Chosen on the
+built-in atlas's zero-shot section of benchmarks/accuracy.py (Yan embryo cells 91% flagged;
+Kang PBMC flags 2.6% -> 4.3%)."""
 
 
 DEPTH_LEVELS = 6
@@ -299,6 +304,16 @@ class AtlasRuntime:
         rows = np.arange(len(knn_cand))
         misfit = s.max(axis=1) < NOVEL_FIT
         novel = misfit & ((s[rows, knn_cand] < NOVEL_NEIGHBOUR_FIT) | (z > NOVEL_Z))
+        # ...or the neighbours' label does not fit, a marker-defined label does, and the call went
+        # elsewhere: the embedding placed the cell among reference cells it does not resemble
+        # (e.g. RPKM embryo cells next to T cells, called "Lymphocyte").
+        best = s.argmax(axis=1)
+        novel |= (
+            (s[rows, knn_cand] < NOVEL_NEIGHBOUR_FIT)
+            & self.marker_only[best]
+            & (s[rows, best] >= MISPLACED_FIT)
+            & ~self.hierarchy.member[best, call]
+        )
         # ...or a curated type the atlas cannot call fits better than every label it can, and the
         # neighbours' label fits no better than a label must for the cell to count as fitting at all.
         if self.foils:
