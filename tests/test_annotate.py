@@ -219,3 +219,15 @@ def test_cells_placed_among_reference_cells_they_do_not_resemble_are_flagged():
     assert res.novel.mean() > 0.8
     kang = ad.read_h5ad(shared_file("datasets", "human_pbmc_kang2018_muscat_example_sce.h5ad"))
     assert cellatlas.annotate(kang).novel.mean() < 0.06
+
+
+def test_chunk_slices_cover_every_row_once_in_order():
+    from cellatlas.annotate import chunk_slices
+
+    for n, size, threads in [(1, 8192, 2), (20_000, 8192, 2), (20_000, 8192, 1), (9_999, 1000, 4), (700, 8192, 8)]:
+        parts = chunk_slices(n, size, threads)
+        assert parts[0].start == 0 and parts[-1].stop == n
+        assert all(a.stop == b.start for a, b in zip(parts, parts[1:]))
+        assert max(p.stop - p.start for p in parts) <= size
+        if n >= 2 * threads * 256 and threads > 1:
+            assert len(parts) % threads == 0  # every thread gets work

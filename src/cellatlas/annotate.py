@@ -76,9 +76,9 @@ def annotate_query(
     # (sparse selection, ranks, faiss, matrix products) release the GIL: score them in threads.
     # Foundation models run serially (torch threads on its own, and device memory is per call).
     threads = get_settings().resolved_threads if model == DEFAULT_MODEL else 1
-    chunks = row_chunks(n, chunk_size or get_settings().chunk_size, threads)
+    chunks = chunk_slices(n, chunk_size or get_settings().chunk_size, threads)
     parts: list[AnnotationResult] = []
-    with ThreadPoolExecutor(max_workers=min(threads, len(chunks))) as pool:
+    with ThreadPoolExecutor(max_workers=max(1, min(threads, len(chunks)))) as pool:
         for part in pool.map(lambda rows: _annotate_chunk(rt, query, plan, rows), chunks):
             parts.append(part)
             if progress:
@@ -107,7 +107,7 @@ def annotate_query(
     return res
 
 
-def row_chunks(n: int, size: int, threads: int = 1) -> list[slice]:
+def chunk_slices(n: int, size: int, threads: int = 1) -> list[slice]:
     """Row slices of at most ``size`` cells, in equal parts and a multiple of ``threads`` of them."""
     k = max(1, -(-n // max(1, size)))
     if threads > 1 and n >= 2 * threads * 256:  # parallel only where chunks stay worthwhile
