@@ -127,11 +127,19 @@ def _check_model(model: str, model_path) -> None:
         )
 
 
+def _chunk_input(rt: AtlasRuntime, query: Query, plan, rows: slice) -> tuple:
+    """``(counts, stored)`` arguments of ``rt.score`` / ``rt.place`` for rows ``rows``.
+
+    The default model reads only the atlas's genes, straight from the input columns;
+    foundation models read every gene of the merged matrix.
+    """
+    if rt.model == DEFAULT_MODEL:
+        return None, query.take(plan, rows.start, rows.stop)
+    return row_block(query.counts, rows.start, rows.stop), None
+
+
 def _annotate_chunk(rt: AtlasRuntime, query: Query, plan, rows: slice) -> AnnotationResult:
-    if rt.model == DEFAULT_MODEL:  # read only the atlas's genes, straight from the input columns
-        sc = rt.score(None, stored=query.take(plan, rows.start, rows.stop))
-    else:
-        sc = rt.score(row_block(query.counts, rows.start, rows.stop))
+    sc = rt.score(*_chunk_input(rt, query, plan, rows))
     nodes = np.asarray(rt.hierarchy.nodes, dtype=object)
     cands = np.asarray(rt.candidates, dtype=object)
     kl, ml = sc.p_knn.argmax(axis=1), sc.p_marker.argmax(axis=1)
@@ -222,15 +230,10 @@ def embed(
     model = (model or DEFAULT_MODEL).lower()
     _check_model(model, model_path)
     rt = get_runtime(at, model, query.genes, model_path)
-    size = get_settings().chunk_size
     embs, lays = [], []
     plan = query.plan(rt.q_cols)
-    for start in range(0, query.n_cells, size):
-        stop = min(start + size, query.n_cells)
-        if rt.model == DEFAULT_MODEL:
-            emb, lay = rt.place(None, stored=query.take(plan, start, stop))
-        else:
-            emb, lay = rt.place(row_block(query.counts, start, stop))
+    for rows in chunk_slices(query.n_cells, get_settings().chunk_size):
+        emb, lay = rt.place(*_chunk_input(rt, query, plan, rows))
         embs.append(emb)
         lays.append(lay)
     return np.concatenate(embs), np.concatenate(lays), {**query.report, **rt.report}

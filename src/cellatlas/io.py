@@ -30,6 +30,7 @@ import numpy as np
 import scipy.sparse as sp
 
 from cellatlas.config import get_settings
+from cellatlas.sparse import canonicalize
 from cellatlas.errors import InputError
 from cellatlas.io_values import (
     RAW_FIX,
@@ -338,12 +339,7 @@ def _canonical_csr(X: Any, owned: bool, canonical: bool = True) -> sp.csr_matrix
     owned = owned or Y is not X
     if Y.dtype != np.float32:
         Y, owned = Y.astype(np.float32), True
-    if canonical and (not Y.has_canonical_format or (Y.data.size and not Y.data.all())):
-        if not owned:
-            Y = Y.copy()
-        Y.sum_duplicates()
-        Y.eliminate_zeros()
-    return Y
+    return canonicalize(Y, copy=not owned) if canonical else Y
 
 
 def validate_matrix(X: Any, genes: Any, cell_ids: Sequence[str] | None = None, *, canonical: bool = True) -> sp.csr_matrix:
