@@ -269,8 +269,12 @@ def score(
         out["accuracy_hierarchical"] = float(hier.mean())
         if conf is not None:
             c = np.asarray(conf, float)[sh]
+            # A call finer than the truth (e.g. "Naive CD4 T cell" for "CD4 T cell") counts as right
+            # in `hier` although the truth cannot judge it: ECE on the other cells is reported beside.
+            finer = np.array([str(p) != t and t in lineage(str(p), parents) for p, t in zip(pred[sh], y_true)], dtype=bool)
             out.update({
                 "ece": ece(c, hier), "brier": brier(c, hier),
+                "ece_judgeable": ece(c[~finer], hier[~finer]), "n_judgeable": int((~finer).sum()),
                 "ece_strict": ece(c, ok), "brier_strict": brier(c, ok),
                 "mean_confidence": float(c.mean()),
                 "reliability": reliability_bins(c, hier),

@@ -131,6 +131,11 @@ def markdown(out: dict) -> str:
                   "shared cells = query cells whose label the reference also resolves / all query cells. "
                   "acc hier = call is the truth, a correct coarser label or a finer one. ECE/Brier: top-label confidence "
                   "vs hierarchical correctness on shared cells. cells/s: prediction only (engine: excluding runtime setup)."]
+        judg = [f"{r['split']} {r['ece_judgeable']:.3f} ({r['n_judgeable']}/{r['n_shared']} cells)"
+                for r in _engine_rows(out) if r.get("ece_judgeable") is not None and r["n_judgeable"] < r["n_shared"]]
+        if judg:
+            parts += ["", "cellatlas ECE without the calls finer than the truth can judge (e.g. \"Naive CD4 T cell\" "
+                      "for Kang's \"CD4 T cell\", counted right above): " + "; ".join(judg)]
         unshared = {r["split"]: r.get("unshared_labels") for r in _engine_rows(out) if r.get("unshared_labels")}
         if unshared:
             parts += ["", "Query labels the reference lacks (left out of the shared metrics): "

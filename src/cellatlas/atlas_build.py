@@ -32,8 +32,9 @@ from cellatlas.encoders import get_encoder
 from cellatlas.encoders.default import DefaultEncoder
 from cellatlas.errors import InputError
 from cellatlas.markers import derive_markers, load_curated_markers, load_labels, merge_markers
+from cellatlas.neighbours import neighbour_stats
 from cellatlas.query import Query, prepare_query
-from cellatlas.runtime import AtlasRuntime, neighbour_stats
+from cellatlas.runtime import AtlasRuntime
 
 GROUP_KEYS = ("donor", "batch", "sample", "sample_id")
 REFERENCE_KINDS = ("cells", "profiles")

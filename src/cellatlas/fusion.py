@@ -53,8 +53,12 @@ def ood_score(mean_dist: np.ndarray, median: float, mad: float) -> tuple[np.ndar
     The weight is 0 up to ``OOD_Z - 1``, rises linearly and reaches 1 at ``OOD_Z + 1``.
     """
     z = (mean_dist - median) / max(1.4826 * mad, 1e-4)
-    o = np.clip((z - (OOD_Z - 1.0)) / 2.0, 0.0, 1.0)
-    return z.astype(np.float32), o
+    return z.astype(np.float32), ood_weight(z)
+
+
+def ood_weight(z: np.ndarray) -> np.ndarray:
+    """Out-of-distribution weight in [0, 1] of a robust distance z (see :func:`ood_score`)."""
+    return np.clip((np.asarray(z, dtype=np.float64) - (OOD_Z - 1.0)) / 2.0, 0.0, 1.0)
 
 
 MARKER_OOD_MARGIN = 1.5

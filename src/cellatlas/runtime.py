@@ -25,6 +25,7 @@ from cellatlas.encoders import get_encoder
 from cellatlas.encoders.default import DefaultEncoder
 from cellatlas.errors import AtlasModelMismatchError, GeneMismatchError
 from cellatlas.markers import compile_markers, rank_scores, score_markers
+from cellatlas.neighbours import DepthMatchedIndex, neighbour_stats, thin
 from cellatlas.result import Alternates
 from cellatlas.sparse import ColumnPlan
 
@@ -37,6 +38,11 @@ NOVEL_NEIGHBOUR_FIT = 0.2
 """The cell does not look like its neighbours' label: that label's standardised marker score is below this."""
 NOVEL_Z = 3.0
 """...or the cell is this far (robust z of neighbour distance) from every reference cell."""
+FOIL_NEIGHBOUR_FIT = 0.6
+"""The foil rule flags a cell only while its neighbours' label fits it below this (1 = a typical cell of
+the label): as in MISPLACED_FIT, a label "fits" from 0.6. With NOVEL_FIT (0.4) here, Xin delta cells
+left out of a Xin atlas were 75.5% flagged; with 0.6, 83.7% (81.6% with depth-matched neighbours),
+and known types' false flags unchanged (benchmarks/accuracy.py --sections novel)."""
 MISPLACED_FIT = 0.6
 """A marker-defined label fits this well (standardised) while the neighbours' label fits below
 NOVEL_NEIGHBOUR_FIT and the call is neither that label nor above it: flagged. Chosen on the
@@ -82,25 +88,6 @@ def core_genes(atlas: Atlas) -> list[str]:
         g for c in atlas.meta["candidates"] for side in ("positive", "negative") for g in sets.get(c, {}).get(side, [])
     }
     return [g for g in atlas.ref_genes if g in keep]
-
-
-def neighbour_stats(emb: np.ndarray, k: int = fusion.K_NEIGHBOURS) -> dict[str, float]:
-    """Median and MAD of each reference cell's mean distance to its k nearest other cells."""
-    index = faiss.IndexFlatIP(emb.shape[1])
-    index.add(emb)
-    sim, _ = index.search(emb, k + 1)
-    d = (1.0 - sim[:, 1:]).mean(axis=1)
-    med = float(np.median(d))
-    return {"median": med, "mad": float(np.median(np.abs(d - med))), "bandwidth": max(med, 1e-3)}
-
-
-def thin(counts: sp.csr_matrix, fraction: float, seed: int = 0) -> sp.csr_matrix:
-    """Binomial thinning of counts to ``fraction`` of their depth (deterministic)."""
-    out = counts.copy()
-    rng = np.random.default_rng(seed)
-    out.data = rng.binomial(np.rint(out.data).astype(np.int64), fraction).astype(np.float32)
-    out.eliminate_zeros()
-    return out
 
 
 @dataclass
@@ -153,6 +140,12 @@ class AtlasRuntime:
         self.coef = np.asarray(cal.get("coef", [1.0, 0, 0, 0, 0, 0]), dtype=np.float64)
         self.intercept = float(cal.get("intercept", 0.0))
         self._init_labels(atlas)
+        # The default encoder can embed downsampled reference cells on the fly; foundation
+        # models search the stored full-depth embedding only.
+        self.depth_index = (
+            DepthMatchedIndex(lambda x: self.encoder.embed(x, self.universe), self._ref_universe, self.index, self.dist)
+            if model == "default" else None
+        )
 
     # ------------------------------------------------------------------ setup
     def _init_default(self, atlas: Atlas, meta: dict) -> None:
@@ -218,6 +211,7 @@ class AtlasRuntime:
         node_sets = {n: sets.get(n, {"positive": [], "negative": []}) for n in self.hierarchy.nodes}
         self.node_markers = compile_markers(node_sets, universe)
         ref = atlas.reference_counts()[:, r_cols].tocsr()
+        self._ref_universe = ref
         self.ref_depth = float(np.median(np.asarray(ref.sum(axis=1)).ravel()))
         levels = []
         for lv in range(DEPTH_LEVELS):
@@ -281,13 +275,12 @@ class AtlasRuntime:
         sub = self.core_plan.apply(stored)
         # The default encoder's genes are a subset of the universe: slice the matrix once.
         emb = self.encoder.embed(sub, self.universe) if self.model == "default" else self._foundation_embed(counts)
-        k = min(fusion.K_NEIGHBOURS, self.index.ntotal)
-        sim, idx = self.index.search(np.ascontiguousarray(emb), k)
+        depth = np.asarray(sub.sum(axis=1)).ravel()
+        sim, idx, z = self._neighbours(emb, depth)
         p_ref = fusion.knn_vote(sim, idx, self.ref_codes, len(self.ref_to_cand), self.dist["bandwidth"])
-        z, o = fusion.ood_score((1.0 - sim).mean(axis=1), self.dist["median"], self.dist["mad"])
+        o = fusion.ood_weight(z)
         ranks = rank_scores(sub)
         raw = score_markers(ranks, self.compiled, ranked=True)
-        depth = np.asarray(sub.sum(axis=1)).ravel()
         level = np.clip(np.rint(np.log2(self.ref_depth / np.maximum(depth, 1.0))), 0, DEPTH_LEVELS - 1).astype(int)
         s = (raw - self.marker_centre[level]) / self.marker_scale[level]
         p_marker = fusion.marker_probs(s)
@@ -319,18 +312,24 @@ class AtlasRuntime:
         if self.foils:
             f_ranks = rank_scores(stored)
             f = (score_markers(f_ranks, self.foil_markers, ranked=True) - self.foil_centre[level]) / self.foil_scale[level]
-            novel |= (fusion.foil_lead(s, f) > 0) & (s[rows, knn_cand] < NOVEL_FIT)
+            novel |= (fusion.foil_lead(s, f) > 0) & (s[rows, knn_cand] < FOIL_NEIGHBOUR_FIT)
         return Scored(emb, sim, idx, p_knn, p_marker, s, fused, call, coarse, z, o, feats, conf, novel, ranks)
 
     def place(self, counts: sp.csr_matrix | None, stored: sp.csr_matrix | None = None) -> tuple[np.ndarray, np.ndarray]:
         """Embedding and neighbour-weighted layout position only (no marker scoring; arguments as :meth:`score`)."""
-        if self.model == "default":
-            stored = stored if stored is not None else self.q_plan.apply(counts)
-            emb = self.encoder.embed(self.core_plan.apply(stored), self.universe)
-        else:
-            emb = self._foundation_embed(counts)
-        sim, idx = self.index.search(np.ascontiguousarray(emb), min(fusion.K_NEIGHBOURS, self.index.ntotal))
+        stored = stored if stored is not None else self.q_plan.apply(counts)
+        sub = self.core_plan.apply(stored)
+        emb = self.encoder.embed(sub, self.universe) if self.model == "default" else self._foundation_embed(counts)
+        sim, idx, _ = self._neighbours(emb, np.asarray(sub.sum(axis=1)).ravel())
         return emb, self._neighbour_layout(sim, idx)
+
+    def _neighbours(self, emb: np.ndarray, depth: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Similarities and indices of the nearest reference cells, and the robust z of their distance."""
+        k = min(fusion.K_NEIGHBOURS, self.index.ntotal)
+        if self.depth_index is not None:
+            return self.depth_index.search(emb, depth, k)
+        sim, idx = self.index.search(np.ascontiguousarray(emb, dtype=np.float32), k)
+        return sim, idx, fusion.ood_score((1.0 - sim).mean(axis=1), self.dist["median"], self.dist["mad"])[0]
 
     def _foundation_embed(self, counts: sp.csr_matrix) -> np.ndarray:
         """A foundation encoder's embedding, with genes in symbol order.
