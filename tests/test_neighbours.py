@@ -113,3 +113,14 @@ def test_levels_of_empty_cells_are_the_shallowest(bad):
     ref, _ = _cells(10, 1000, seed=0)
     idx = DepthMatchedIndex(lambda x: x, ref, None, {})
     assert idx.levels(np.array([bad]))[0] == KNN_DEPTH_LEVELS - 1
+
+
+def test_neighbour_stats_of_a_sample_match_the_full_reference():
+    ref, _ = _cells(400, 2000, seed=0)
+    genes = [f"G{i}" for i in range(ref.shape[1])]
+    emb = DefaultEncoder.fit(ref, genes, genes, n_pcs=10).embed(ref, genes)
+    full = neighbour_stats(emb)
+    sampled = neighbour_stats(emb, max_cells=300)
+    assert sampled != full
+    assert abs(sampled["median"] - full["median"]) < 0.1 * full["median"]
+    assert abs(sampled["mad"] - full["mad"]) < 0.3 * full["mad"]
