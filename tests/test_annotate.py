@@ -3,6 +3,7 @@ import pandas as pd
 import pytest
 
 import cellatlas
+from cellatlas.atlas import load_atlas
 from cellatlas.errors import GeneMismatchError, InputError
 from tests.conftest import shared_file
 
@@ -208,15 +209,31 @@ def test_cells_of_a_type_missing_from_the_atlas_are_flagged(pbmc3k, drop, kang_l
 def test_cells_placed_among_reference_cells_they_do_not_resemble_are_flagged():
     """Yan's RPKM embryo cells land next to PBMC3k T cells in the built-in atlas's embedding.
 
-    Their neighbours' label (a T cell type) does not fit their markers while a marker-defined
-    label does; the call ("Lymphocyte") is neither, so they must be flagged novel, and the
-    same rule must leave a PBMC dataset's cells nearly all unflagged.
+    Cleavage-stage cells (zygote to 16 cells) fit no label's markers: they must be flagged
+    novel. Late blastocyst cells express the epithelial programme (KRT8/18, EPCAM, CLDN4, CDH1:
+    the trophectoderm is the first epithelium): each must be flagged or called a label outside
+    the blood lineage, never an unflagged blood type. The same rules must leave a PBMC
+    dataset's cells nearly all unflagged.
     """
     import anndata as ad
 
     yan = ad.read_h5ad(shared_file("datasets", "human_preimplantation_embryo_yan2013_scmap_rpkm.h5ad"))
     res = cellatlas.annotate(yan)
-    assert res.novel.mean() > 0.8
+    stage = yan.obs["cell_type"].astype(str).to_numpy()
+    early = stage != "blast"
+    assert early.sum() >= 50 and res.novel[early].mean() > 0.9
+    parents = load_atlas("human-core").labels["parent"].to_dict()
+
+    def in_blood(label: str) -> bool:
+        while isinstance(label, str) and label:
+            if label == "Leukocyte":
+                return True
+            label = parents.get(label, "")
+        return False
+
+    blast = ~early
+    unflagged_blood = [lab for lab, nv in zip(res.label[blast], res.novel[blast]) if not nv and in_blood(lab)]
+    assert blast.sum() >= 20 and not unflagged_blood
     kang = ad.read_h5ad(shared_file("datasets", "human_pbmc_kang2018_muscat_example_sce.h5ad"))
     assert cellatlas.annotate(kang).novel.mean() < 0.06
 
