@@ -48,6 +48,21 @@ def test_hierarchy_rolls_up_when_only_parent_is_supported():
     assert list(coarse) == [True, False, True]
 
 
+def test_roll_up_to_shared_finds_the_deepest_common_label():
+    # NK and CD4 are candidates; CD8 (a foil) sits under T; Lymph is the root of both.
+    parents = {"NK": "Lymph", "CD4": "T", "T": "Lymph", "B": "Lymph"}
+    h = Hierarchy.build(["NK", "CD4", "B"], parents)
+    pos = {n: i for i, n in enumerate(h.nodes)}
+    assert h.above[pos["CD4"], pos["Lymph"]] and not h.above[pos["Lymph"], pos["CD4"]]
+    above_cd8 = np.zeros(len(h.nodes), dtype=bool)
+    above_cd8[[pos["T"], pos["Lymph"]]] = True
+    nothing = np.zeros(len(h.nodes), dtype=bool)
+    call = np.array([pos["NK"], pos["CD4"], pos["NK"]])
+    up = fusion.roll_up_to_shared(call, np.stack([above_cd8, above_cd8, nothing]), h)
+    # NK and CD8 share only "Lymph"; CD4 and CD8 share "T"; with nothing shared the call stays (-1).
+    assert [h.nodes[u] if u >= 0 else None for u in up] == ["Lymph", "T", None]
+
+
 def test_calibration_fit_and_ece():
     rng = np.random.default_rng(0)
     x = rng.normal(size=(2000, len(fusion.CALIBRATION_FEATURES)))

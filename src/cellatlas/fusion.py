@@ -227,6 +227,33 @@ class Hierarchy:
 
     def __post_init__(self) -> None:
         self._member_f = self.member.astype(np.float32)
+        n_nodes = len(self.nodes)
+        self.above = np.zeros((n_nodes, n_nodes), dtype=bool)
+        """``above[a, b]``: node ``b`` is node ``a`` or one of its ancestors."""
+        for a in range(n_nodes):
+            b = a
+            while b >= 0:
+                self.above[a, b] = True
+                b = self.parent[b]
+
+
+def roll_up_to_shared(call: np.ndarray, other_above: np.ndarray, h: Hierarchy) -> np.ndarray:
+    """The deepest node that is both the call (or above it) and above another type, per cell.
+
+    Parameters
+    ----------
+    call
+        Called node per cell.
+    other_above
+        ``[n, n_nodes]`` bool: which hierarchy nodes lie above the other type of each cell (e.g. a
+        curated type the atlas cannot call, which fits the cell better than every candidate).
+
+    Returns the node per cell, or ``-1`` where the two share no node (the call is then kept).
+    """
+    shared = h.above[call] & other_above
+    depth = np.where(shared, h.depth[None, :], -1)
+    best = depth.argmax(axis=1)
+    return np.where(depth.max(axis=1) >= 0, best, -1)
 
 
 def hierarchical_call(fused: np.ndarray, h: Hierarchy, threshold: float = CALL_THRESHOLD) -> tuple[np.ndarray, np.ndarray]:

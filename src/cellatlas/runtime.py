@@ -24,7 +24,7 @@ from cellatlas.atlas import Atlas
 from cellatlas.encoders import get_encoder
 from cellatlas.encoders.default import DefaultEncoder
 from cellatlas.errors import AtlasModelMismatchError, GeneMismatchError
-from cellatlas.markers import compile_markers, rank_scores, score_markers
+from cellatlas.markers import compile_markers, load_labels, rank_scores, score_markers
 from cellatlas.neighbours import DepthMatchedIndex, neighbour_stats, thin
 from cellatlas.result import Alternates
 from cellatlas.sparse import ColumnPlan
@@ -257,6 +257,16 @@ class AtlasRuntime:
         self.foil_centre = np.stack([c[cols] for c, _ in levels])  # [levels, usable foils]
         self.foil_scale = np.stack([sc[cols] for _, sc in levels])
         self.report["novel_foils"] = list(self.foils)
+        # Which hierarchy nodes lie above each foil in the curated vocabulary (for the roll-up).
+        parents = load_labels()["parent"].to_dict()
+        pos = {n: j for j, n in enumerate(self.hierarchy.nodes)}
+        self.foil_above = np.zeros((len(self.foils), len(pos)), dtype=bool)
+        for i, foil in enumerate(self.foils):
+            p = parents.get(foil)
+            while isinstance(p, str) and p:
+                if p in pos:
+                    self.foil_above[i, pos[p]] = True
+                p = parents.get(p)
 
     # ------------------------------------------------------------------ scoring
     def score(self, counts: sp.csr_matrix | None, stored: sp.csr_matrix | None = None) -> Scored:
@@ -288,8 +298,6 @@ class AtlasRuntime:
         p_knn = fusion.spread_knn(p_ref, self.ref_to_cand, o, p_marker, self.marker_only)
         fused = fusion.fuse(p_knn, p_marker)
         call, coarse = fusion.hierarchical_call(fused, self.hierarchy)
-        feats = fusion.calibration_features(fused, p_knn, p_marker, call, coarse, self.hierarchy, o)
-        conf = fusion.apply_calibration(feats, self.coef, self.intercept)
         # Novel: no candidate's markers fit, and the neighbours' label does not fit either (or the
         # cell is far from every reference cell). Operating point chosen on the drop-one-label
         # benchmark (benchmarks/accuracy.py); the label is still reported, only flagged.
@@ -312,7 +320,20 @@ class AtlasRuntime:
         if self.foils:
             f_ranks = rank_scores(stored)
             f = (score_markers(f_ranks, self.foil_markers, ranked=True) - self.foil_centre[level]) / self.foil_scale[level]
-            novel |= (fusion.foil_lead(s, f) > 0) & (s[rows, knn_cand] < FOIL_NEIGHBOUR_FIT)
+            by_foil = (fusion.foil_lead(s, f) > 0) & (s[rows, knn_cand] < FOIL_NEIGHBOUR_FIT)
+            novel |= by_foil
+            # When, besides, the markers' best label is not the call (the neighbours say one type,
+            # the markers another, and a type the atlas cannot call fits best), the call rises to
+            # the deepest label all three share: a CD8 T cell among NK cells in an atlas without
+            # CD8 T cells is "Lymphocyte", not "NK cell".
+            conflict = np.nonzero(by_foil & ~self.hierarchy.member[best, call])[0]
+            if len(conflict):
+                shared = self.foil_above[f[conflict].argmax(axis=1)] & self.hierarchy.member[best[conflict]]
+                up = fusion.roll_up_to_shared(call[conflict], shared, self.hierarchy)
+                moved = (up >= 0) & (up != call[conflict])
+                call[conflict[moved]], coarse[conflict[moved]] = up[moved], True
+        feats = fusion.calibration_features(fused, p_knn, p_marker, call, coarse, self.hierarchy, o)
+        conf = fusion.apply_calibration(feats, self.coef, self.intercept)
         return Scored(emb, sim, idx, p_knn, p_marker, s, fused, call, coarse, z, o, feats, conf, novel, ranks)
 
     def place(self, counts: sp.csr_matrix | None, stored: sp.csr_matrix | None = None) -> tuple[np.ndarray, np.ndarray]:
