@@ -30,6 +30,8 @@ from typing import Iterable, Mapping, Sequence
 import numpy as np
 import pandas as pd
 
+from cellatlas.fusion import expected_calibration_error
+
 OTHER = "(other)"
 """Placeholder for a call that maps onto no shared label."""
 
@@ -184,17 +186,8 @@ def hierarchical_correct(pred: Sequence[str], truth: Sequence[str], parents: Map
 
 # ---------------------------------------------------------------------- metrics
 def ece(conf: np.ndarray, correct: np.ndarray, n_bins: int = 10) -> float:
-    """Expected calibration error of the top-label confidence (equal-width bins)."""
-    conf, correct = np.asarray(conf, float), np.asarray(correct, float)
-    if len(conf) == 0:
-        return float("nan")
-    b = np.clip((conf * n_bins).astype(int), 0, n_bins - 1)
-    total = 0.0
-    for k in range(n_bins):
-        m = b == k
-        if m.any():
-            total += m.mean() * abs(correct[m].mean() - conf[m].mean())
-    return float(total)
+    """Expected calibration error of the top-label confidence (equal-width bins; NaN for no cells)."""
+    return expected_calibration_error(conf, correct, n_bins) if len(conf) else float("nan")
 
 
 def brier(conf: np.ndarray, correct: np.ndarray) -> float:

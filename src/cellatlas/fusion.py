@@ -183,15 +183,16 @@ def fuse(p_knn: np.ndarray, p_marker: np.ndarray, marker_weight: float | None = 
 class Hierarchy:
     """Candidates (leaves) and their ancestors as matrices for vectorised roll-up.
 
-    ``member[c, j]`` is True when node ``j`` is candidate ``c`` or one of its ancestors.
-    Nodes ``0..n_cand-1`` are the candidates themselves.
+    ``above[a, b]`` is True when node ``b`` is node ``a`` or one of its ancestors; ``member``
+    is its rows for the candidates (``member[c, j]``: node ``j`` is candidate ``c`` or above it)
+    and ``depth`` the number of ancestors of each node. Nodes ``0..n_cand-1`` are the
+    candidates themselves.
     """
 
     nodes: list[str]
     n_cand: int
     parent: np.ndarray  # node -> parent node index or -1
-    member: np.ndarray  # [n_cand, n_nodes] bool
-    depth: np.ndarray
+    above: np.ndarray  # [n_nodes, n_nodes] bool
 
     @classmethod
     def build(cls, candidates: list[str], parents: dict[str, str]) -> "Hierarchy":
@@ -205,36 +206,24 @@ class Hierarchy:
                 nodes.append(par)
             i += 1
         parent = np.array([pos.get(parents.get(n) or "", -1) for n in nodes])
-        member = np.zeros((len(candidates), len(nodes)), dtype=bool)
-        depth = np.zeros(len(nodes), dtype=int)
-        for j in range(len(nodes)):
-            k, d = j, 0
-            while parent[k] >= 0:
-                k, d = parent[k], d + 1
-            depth[j] = d
-        for c in range(len(candidates)):
-            k = c
-            while k >= 0:
-                member[c, k] = True
-                k = parent[k]
-        return cls(nodes, len(candidates), parent, member, depth)
+        above = np.zeros((len(nodes), len(nodes)), dtype=bool)
+        for a in range(len(nodes)):
+            b = a
+            while b >= 0:
+                above[a, b] = True
+                b = parent[b]
+        return cls(nodes, len(candidates), parent, above)
+
+    def __post_init__(self) -> None:
+        self.member = self.above[: self.n_cand]  # [n_cand, n_nodes]
+        self.depth = self.above.sum(axis=1) - 1
+        self._member_f = self.member.astype(np.float32)
 
     def mass(self, p: np.ndarray) -> np.ndarray:
         """Probability mass of every node ``[n, n_nodes]`` from candidate probabilities."""
         if p.dtype != np.float32:
             p = p.astype(np.float32)
         return p @ self._member_f
-
-    def __post_init__(self) -> None:
-        self._member_f = self.member.astype(np.float32)
-        n_nodes = len(self.nodes)
-        self.above = np.zeros((n_nodes, n_nodes), dtype=bool)
-        """``above[a, b]``: node ``b`` is node ``a`` or one of its ancestors."""
-        for a in range(n_nodes):
-            b = a
-            while b >= 0:
-                self.above[a, b] = True
-                b = self.parent[b]
 
 
 def roll_up_to_shared(call: np.ndarray, other_above: np.ndarray, h: Hierarchy) -> np.ndarray:

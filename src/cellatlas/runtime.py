@@ -24,7 +24,7 @@ from cellatlas.atlas import Atlas
 from cellatlas.encoders import get_encoder
 from cellatlas.encoders.default import DefaultEncoder
 from cellatlas.errors import AtlasModelMismatchError, GeneMismatchError
-from cellatlas.markers import compile_markers, load_labels, rank_scores, score_markers
+from cellatlas.markers import ancestors, compile_markers, load_labels, rank_scores, score_markers
 from cellatlas.neighbours import DepthMatchedIndex, neighbour_stats, thin
 from cellatlas.result import Alternates
 from cellatlas.sparse import ColumnPlan
@@ -258,15 +258,13 @@ class AtlasRuntime:
         self.foil_scale = np.stack([sc[cols] for _, sc in levels])
         self.report["novel_foils"] = list(self.foils)
         # Which hierarchy nodes lie above each foil in the curated vocabulary (for the roll-up).
-        parents = load_labels()["parent"].to_dict()
+        table = load_labels()
         pos = {n: j for j, n in enumerate(self.hierarchy.nodes)}
         self.foil_above = np.zeros((len(self.foils), len(pos)), dtype=bool)
         for i, foil in enumerate(self.foils):
-            p = parents.get(foil)
-            while isinstance(p, str) and p:
+            for p in ancestors(foil, table) if foil in table.index else []:
                 if p in pos:
                     self.foil_above[i, pos[p]] = True
-                p = parents.get(p)
 
     # ------------------------------------------------------------------ scoring
     def score(self, counts: sp.csr_matrix | None, stored: sp.csr_matrix | None = None) -> Scored:
@@ -338,14 +336,20 @@ class AtlasRuntime:
 
     def place(self, counts: sp.csr_matrix | None, stored: sp.csr_matrix | None = None) -> tuple[np.ndarray, np.ndarray]:
         """Embedding and neighbour-weighted layout position only (no marker scoring; arguments as :meth:`score`)."""
-        stored = stored if stored is not None else self.q_plan.apply(counts)
-        sub = self.core_plan.apply(stored)
-        emb = self.encoder.embed(sub, self.universe) if self.model == "default" else self._foundation_embed(counts)
-        sim, idx, _ = self._neighbours(emb, np.asarray(sub.sum(axis=1)).ravel())
+        if self.model == "default":
+            stored = stored if stored is not None else self.q_plan.apply(counts)
+            sub = self.core_plan.apply(stored)
+            emb, depth = self.encoder.embed(sub, self.universe), np.asarray(sub.sum(axis=1)).ravel()
+        else:  # foundation models search the full-depth index only: no depth needed
+            emb, depth = self._foundation_embed(counts), None
+        sim, idx, _ = self._neighbours(emb, depth)
         return emb, self._neighbour_layout(sim, idx)
 
-    def _neighbours(self, emb: np.ndarray, depth: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Similarities and indices of the nearest reference cells, and the robust z of their distance."""
+    def _neighbours(self, emb: np.ndarray, depth: np.ndarray | None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Similarities and indices of the nearest reference cells, and the robust z of their distance.
+
+        ``depth`` (counts per cell over the universe) is read only by the depth-matched index.
+        """
         k = min(fusion.K_NEIGHBOURS, self.index.ntotal)
         if self.depth_index is not None:
             return self.depth_index.search(emb, depth, k)

@@ -245,10 +245,6 @@ def browser_context(browser):
 def page(browser_context):
     """A fresh 1280x800 tab (own sessionStorage) that fails the test on uncaught JS errors."""
     pg = browser_context.new_page()
-    # The active tab: Chromium opens a file chooser from a key press only in the tab in front,
-    # and tabs of earlier tests may still be closing (the Space-opens-chooser test timed out
-    # once in a full CI run, never alone).
-    pg.bring_to_front()
     errors: list[str] = []
     pg.on("pageerror", lambda e: errors.append(str(e)))
     pg.set_default_timeout(30_000)
