@@ -140,24 +140,26 @@ def run_engine(query, atlas, name: str, truth=None) -> dict:
     secs = time.perf_counter() - t0
     setup = float(res.provenance.get("setup_seconds", 0.0))
     row = hm.score(truth, res.label, atlas.meta["candidates"], atlas_parents(atlas), conf=res.confidence,
-                   level=res.level, band=res.band, novel=res.novel)
+                   level=res.level, band=res.band, novel=res.novel, parent_conf=res.parent_confidence)
     row.update({
         "method": "cellatlas", "seconds": round(secs, 3), "setup_seconds": round(setup, 3),
         "cells_per_s": round(query.n_obs / max(secs - setup, 1e-9)),
         "gene_report": {k: res.gene_report.get(k) for k in ("species", "values", "n_genes_used", "panel_coverage", "panel_adapted")},
     })
-    row["_pool"] = _pool(res.label, res.confidence, truth, row["shared_map"], atlas_parents(atlas))
+    row["_pool"] = _pool(res.label, res.confidence, res.parent_confidence, truth, row["shared_map"], atlas_parents(atlas))
     log(f"  cellatlas on {name}: macro-F1 {row.get('macro_f1', float('nan')):.3f}, ECE {row.get('ece', float('nan')):.3f}")
     return row
 
 
-def _pool(pred, conf, truth, smap: dict, parents: dict):
-    """(confidence, hierarchically correct) of the cells with a shared truth, for pooled calibration."""
+def _pool(pred, conf, parent_conf, truth, smap: dict, parents: dict):
+    """(confidence at the shared level, hierarchically correct) of the cells with a shared truth, for pooled calibration."""
     s = np.array([smap.get(t) if t is not None else None for t in truth], dtype=object)
     keep = np.array([x is not None for x in s], dtype=bool)
     if not keep.any():
         return None
-    return np.asarray(conf, float)[keep], hm.hierarchical_correct(np.asarray(pred)[keep], s[keep], parents)
+    pred = np.asarray(pred)[keep]
+    c, _ = hm.shared_level_confidence(pred, np.asarray(conf, float)[keep], np.asarray(parent_conf, float)[keep], set(s[keep]), parents)
+    return c, hm.hierarchical_correct(pred, s[keep], parents)
 
 
 # ---------------------------------------------------------------------- sections

@@ -15,8 +15,12 @@ Scoring compares a prediction with the truth at three levels:
 * **fine level**: the call mapped to the query's own label set must equal the
   query's own (vocabulary) label.
 * **hierarchical**: the call is the truth, an ancestor of it (a correct but
-  coarser call) or a descendant of it (finer than the truth can judge). This is
-  what the engine's confidence is calibrated to mean.
+  coarser call) or a descendant of it (finer than the truth can judge).
+
+Calibration (ECE, Brier) is judged at the shared level like macro-F1: a call finer
+than its shared label is scored with the engine's confidence in that label (its
+``parent_confidence``), since a right "CD4 T cell" says nothing about whether the
+confidence in "Naive CD4 T cell" was right (:func:`shared_level_confidence`).
 """
 
 from __future__ import annotations
@@ -184,6 +188,30 @@ def hierarchical_correct(pred: Sequence[str], truth: Sequence[str], parents: Map
     )
 
 
+def shared_level_confidence(
+    pred: Sequence[str], conf: np.ndarray, parent_conf: np.ndarray | None, level_set: Iterable[str], parents: Mapping[str, str]
+) -> tuple[np.ndarray, np.ndarray]:
+    """The predictor's confidence in its call's label at the shared level (what macro-F1 scores).
+
+    Where the call is finer than that label (e.g. "Naive CD4 T cell" scored as "CD4 T cell"),
+    the engine's ``parent_confidence`` is used: its calibrated probability for the label one
+    level up. If the shared label lies further up, that is a lower bound. Without a parent
+    confidence (baselines) the call's own confidence is kept.
+
+    Returns the confidences and which cells were scored at the parent.
+    """
+    c = np.asarray(conf, float).copy()
+    if parent_conf is None:
+        return c, np.zeros(len(c), dtype=bool)
+    pred = np.asarray([str(p) for p in pred], dtype=object)
+    at = to_level(pred, level_set, parents)
+    up = (at != pred) & (at != OTHER)
+    pc = np.asarray(parent_conf, float)
+    up &= np.isfinite(pc)
+    c[up] = pc[up]
+    return c, up
+
+
 # ---------------------------------------------------------------------- metrics
 def ece(conf: np.ndarray, correct: np.ndarray, n_bins: int = 10) -> float:
     """Expected calibration error of the top-label confidence (equal-width bins; NaN for no cells)."""
@@ -218,6 +246,7 @@ def score(
     level: Sequence[str] | None = None,
     band: Sequence[str] | None = None,
     novel: Sequence[bool] | None = None,
+    parent_conf: np.ndarray | None = None,
 ) -> dict:
     """All metrics of one prediction set against harmonised truth.
 
@@ -230,8 +259,15 @@ def score(
         Call per cell (vocabulary labels, possibly coarse).
     ref_labels
         Labels the predictor could call (reference labels / atlas candidates).
-    conf, level, band, novel
-        Optional engine outputs (confidence, fine/coarse, band, novel flag).
+    conf, level, band, novel, parent_conf
+        Optional engine outputs (confidence, fine/coarse, band, novel flag, confidence of the
+        call's parent label).
+
+    ``ece``/``brier``/``reliability`` judge the confidence in the label at the shared level
+    (see :func:`shared_level_confidence`), the level at which macro-F1 scores the call;
+    ``ece_call``/``brier_call`` judge the call's own confidence against the same
+    correctness, which a truth coarser than the call cannot judge (a right "CD4 T cell" says
+    nothing about "Naive CD4 T cell" at 0.88).
     """
     from sklearn.metrics import f1_score
 
@@ -261,13 +297,13 @@ def score(
         hier = hierarchical_correct(pred[sh], y_true, parents)
         out["accuracy_hierarchical"] = float(hier.mean())
         if conf is not None:
-            c = np.asarray(conf, float)[sh]
-            # A call finer than the truth (e.g. "Naive CD4 T cell" for "CD4 T cell") counts as right
-            # in `hier` although the truth cannot judge it: ECE on the other cells is reported beside.
-            finer = np.array([str(p) != t and t in lineage(str(p), parents) for p, t in zip(pred[sh], y_true)], dtype=bool)
+            c_call = np.asarray(conf, float)[sh]
+            pc = None if parent_conf is None else np.asarray(parent_conf, float)[sh]
+            c, at_parent = shared_level_confidence(pred[sh], c_call, pc, S, parents)
             out.update({
                 "ece": ece(c, hier), "brier": brier(c, hier),
-                "ece_judgeable": ece(c[~finer], hier[~finer]), "n_judgeable": int((~finer).sum()),
+                "ece_call": ece(c_call, hier), "brier_call": brier(c_call, hier),
+                "n_scored_at_parent": int(at_parent.sum()),
                 "ece_strict": ece(c, ok), "brier_strict": brier(c, ok),
                 "mean_confidence": float(c.mean()),
                 "reliability": reliability_bins(c, hier),

@@ -35,6 +35,24 @@ def test_result_shape_order_and_bands(pbmc_small, pbmc_result):
     assert res.provenance["atlas"] == "human-core" and len(res.provenance["atlas_sha256"]) == 64
 
 
+def test_parent_label_and_confidence(pbmc_small, pbmc_result):
+    at = cellatlas.load_atlas("human-core")
+    parent = {lab: (p if isinstance(p, str) else "") for lab, p in at.labels["parent"].items()}
+    res = pbmc_result
+    assert list(res.parent_label) == [parent[lab] for lab in res.label]
+    has = res.parent_label != ""
+    assert has.mean() > 0.9
+    pc = res.parent_confidence
+    assert np.isnan(pc[~has]).all() and np.isfinite(pc[has]).all()
+    # A label's parent is at least as likely as the label, and where the fine call is under
+    # review the parent is often confident (the point of reporting it).
+    assert (pc[has] >= res.confidence[has] - 1e-6).all() and (pc[has] <= 1).all()
+    review = has & (res.confidence < 0.7)
+    assert review.any() and (pc[review] >= 0.7).mean() > 0.5
+    df = res.to_dataframe()
+    assert list(df["cell_type_parent"]) == list(res.parent_label)
+
+
 def test_markers_are_expressed_and_belong_to_the_label(pbmc_small, pbmc_result):
     from cellatlas.query import prepare_query
 
@@ -160,6 +178,13 @@ def test_cluster_vote_keeps_order_and_records_changes(pbmc_small, pbmc_result):
     changed = int((res.label != pbmc_result.label).sum())
     assert res.provenance["cluster_vote_changed"] == changed
     assert changed < 0.2 * len(res)
+    # A relabelled cell takes its new label's parent, with no parent confidence.
+    moved = res.label != pbmc_result.label
+    assert moved.any()
+    at = cellatlas.load_atlas("human-core")
+    parent = {lab: (p if isinstance(p, str) else "") for lab, p in at.labels["parent"].items()}
+    assert [parent[lab] for lab in res.label[moved]] == list(res.parent_label[moved])
+    assert np.isnan(res.parent_confidence[moved]).all()
 
 
 def test_embed(pbmc_small):

@@ -31,6 +31,9 @@ def test_builtin_atlas_contents():
     assert np.isfinite(at.arrays["ref_layout"]).all()
     cal = at.stats("default")["calibration"]
     assert len(cal["coef"]) == 6 and cal["summary"]["n"] == at.ref_codes.shape[0]
+    # The parent-level model is fitted on the held-out calls that have a parent, judged at that parent.
+    assert len(cal["parent"]["coef"]) == 6 and 0 < cal["parent"]["n"] <= cal["summary"]["n"]
+    assert cal["parent"]["summary"]["accuracy"] >= cal["summary"]["accuracy"]
     assert at.reference_counts().shape == (at.ref_codes.shape[0], len(at.ref_genes))
     table = at.marker_table()
     assert {"label", "ontology_id", "gene", "sign", "source"} <= set(table.columns)

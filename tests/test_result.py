@@ -22,6 +22,8 @@ def _result(n=5):
         agreement=np.array([True, True, False, True, False][:n]),
         distance=rng.normal(size=n).astype(np.float32),
         novel=np.array([False, False, False, False, True][:n]),
+        parent_label=np.array(["Lymphocyte", "Lymphocyte", "T cell", "Lymphocyte", ""][:n], dtype=object),
+        parent_confidence=np.array([0.99, 0.95, 0.9, 0.97, np.nan][:n], dtype=np.float32),
     )
 
 
@@ -32,9 +34,13 @@ def test_wire_roundtrip_keeps_every_field():
     assert calls[1]["alternates"] == [] and calls[0]["alternates"][0] == {"label": "T cell", "score": 0.2}
     assert {"label", "confidence", "alternates", "markers", "band", "ontology_id", "level", "novel", "evidence"} <= set(calls[0])
     back = AnnotationResult.from_calls(calls, cell_ids=res.cell_ids)
-    for name in ("label", "ontology_id", "level", "knn_label", "marker_label", "agreement", "novel"):
+    for name in ("label", "ontology_id", "level", "knn_label", "marker_label", "agreement", "novel", "parent_label"):
         assert list(getattr(back, name)) == list(getattr(res, name)), name
     np.testing.assert_allclose(back.confidence, res.confidence, atol=1e-4)
+    # A top-level label has no parent: null on the wire (JSON has no NaN), NaN again after the round trip.
+    assert calls[4]["parent_label"] == "" and calls[4]["parent_confidence"] is None
+    assert calls[2]["parent_confidence"] == 0.9
+    np.testing.assert_allclose(back.parent_confidence, res.parent_confidence, atol=1e-4)
     np.testing.assert_allclose(back.distance, res.distance, atol=1e-4)
     assert (back.alternates.labels == res.alternates.labels).all()
     np.testing.assert_allclose(back.alternates.scores, res.alternates.scores, atol=1e-4)
@@ -47,8 +53,10 @@ def test_views_and_concat():
     assert list(df.index) == list(res.cell_ids)
     assert df.loc["c0", "alternate_1"] == "T cell" and df.loc["c1", "alternate_1"] == ""
     assert df.loc["c0", "markers"] == "MS4A1,CD79A"
+    assert df.loc["c2", "cell_type_parent"] == "T cell" and np.isnan(df.loc["c4", "cell_type_parent_confidence"])
     both = AnnotationResult.concat([res, res])
     assert len(both) == 10 and list(both.alternates)[5] == list(res.alternates)[0]
+    assert list(both.parent_label[5:]) == list(res.parent_label)
     assert list(band_of(np.array([0.1, 0.5, 0.7]))) == ["low", "review", "confident"]
 
 
@@ -65,3 +73,24 @@ def test_write_adata(pbmc68k):
     res.write_adata(a)
     assert isinstance(a.obs["cell_type"].dtype, pd.CategoricalDtype)
     assert a.obs["cell_type_alternates"].iloc[0] == "T cell:0.200; NK cell:0.100"
+
+
+def test_columnar_roundtrip_and_format_2_archives():
+    import io
+
+    import orjson
+
+    from cellatlas.service.columnar import decode_result, encode_result
+
+    res = _result()
+    blob = encode_result(res, {"provenance": {"atlas": "x"}}, with_embedding=False, dumps=orjson.dumps)
+    with np.load(io.BytesIO(blob), allow_pickle=False) as z:
+        arrays = {k: z[k] for k in z.files}
+    back, meta = decode_result(arrays)
+    assert list(back.parent_label) == list(res.parent_label) and meta["provenance"] == {"atlas": "x"}
+    np.testing.assert_allclose(back.parent_confidence, res.parent_confidence)  # NaN stays NaN
+    # A format-2 archive (before the parent columns) still decodes, with no parents.
+    old = {k: v for k, v in arrays.items() if not k.startswith("parent_")}
+    back, _ = decode_result(old)
+    assert list(back.label) == list(res.label) and list(back.parent_label) == [""] * len(res)
+    assert np.isnan(back.parent_confidence).all()

@@ -161,6 +161,8 @@ def _annotate_chunk(rt: AtlasRuntime, query: Query, plan, rows: slice) -> Annota
         agreement=agreement,
         distance=sc.z,
         novel=sc.novel,
+        parent_label=np.where(sc.parent >= 0, nodes[np.maximum(sc.parent, 0)], ""),
+        parent_confidence=sc.parent_confidence,
         embedding=sc.embedding,
         layout=rt.layout(sc),
     )

@@ -266,9 +266,14 @@ def _folds(obs: pd.DataFrame | None, labels: np.ndarray, n_folds: int, seed: int
 def calibrate(
     query: Query, labels: np.ndarray, obs: pd.DataFrame | None, assemble_kwargs: dict, *, n_folds: int = 5, seed: int = 0
 ) -> dict[str, Any]:
-    """Cross-validated calls on held-out reference cells -> logistic confidence model."""
+    """Cross-validated calls on held-out reference cells -> logistic confidence models.
+
+    One model gives the confidence of the call; a second one (``"parent"``) the
+    confidence of the call's parent label, fitted on the same held-out cells judged at
+    that label (is the cell's truth the parent or under it?).
+    """
     folds, how = _folds(obs, labels, n_folds, seed)
-    feats, correct = [], []
+    feats, correct, p_feats, p_correct = [], [], [], []
     model = assemble_kwargs.get("model", "default")
     for test in folds:
         train = np.setdiff1d(np.arange(len(labels)), test)
@@ -281,14 +286,23 @@ def calibrate(
         nodes = rt.hierarchy.nodes
         parents = _parents_of(sub)
         truth = labels[test]
-        ok = np.array(
-            [nodes[c] == t or nodes[c] in _ancestors(t, parents) for c, t in zip(sc.call, truth)], dtype=bool
-        )
+
+        def right(node: np.ndarray, truth: np.ndarray) -> np.ndarray:
+            return np.array([nodes[c] == t or nodes[c] in _ancestors(t, parents) for c, t in zip(node, truth)], dtype=bool)
+
         feats.append(sc.features)
-        correct.append(ok)
+        correct.append(right(sc.call, truth))
+        has = np.nonzero(sc.parent >= 0)[0]
+        p_feats.append(fusion.calibration_features(
+            sc.fused[has], sc.p_knn[has], sc.p_marker[has], sc.parent[has], np.ones(len(has), bool), rt.hierarchy, sc.o[has]
+        ))
+        p_correct.append(right(sc.parent[has], truth[has]))
     X, y = np.vstack(feats), np.concatenate(correct)
     cal = fusion.fit_calibration(X, y)
     cal["summary"].update({"folds": len(folds), "split": how, "features": list(fusion.CALIBRATION_FEATURES)})
+    pX, py = np.vstack(p_feats), np.concatenate(p_correct)
+    if len(py):
+        cal["parent"] = fusion.fit_calibration(pX, py)
     return cal
 
 

@@ -245,14 +245,16 @@ def roll_up_to_shared(call: np.ndarray, other_above: np.ndarray, h: Hierarchy) -
     return np.where(depth.max(axis=1) >= 0, best, -1)
 
 
-def hierarchical_call(fused: np.ndarray, h: Hierarchy, threshold: float = CALL_THRESHOLD) -> tuple[np.ndarray, np.ndarray]:
+def hierarchical_call(
+    fused: np.ndarray, h: Hierarchy, threshold: float = CALL_THRESHOLD, mass: np.ndarray | None = None
+) -> tuple[np.ndarray, np.ndarray]:
     """Top-down call: from the roots, step to the child with the most mass while it reaches ``threshold``.
 
     Returns the called node index per cell and whether it is coarser than the best
     candidate. If no top-level node reaches the threshold, the best candidate is called
-    (with the low confidence its mass implies).
+    (with the low confidence its mass implies). ``mass`` is ``h.mass(fused)`` when already computed.
     """
-    mass = h.mass(fused)
+    mass = h.mass(fused) if mass is None else mass
     n, n_nodes = mass.shape
     # children[j + 1] masks the children of node j; children[0] the roots.
     children = np.zeros((n_nodes + 1, n_nodes), dtype=bool)
@@ -277,11 +279,18 @@ def _logit(p: np.ndarray) -> np.ndarray:
 
 
 def calibration_features(
-    fused: np.ndarray, p_knn: np.ndarray, p_marker: np.ndarray, call: np.ndarray, coarse: np.ndarray, h: Hierarchy, o: np.ndarray
+    fused: np.ndarray, p_knn: np.ndarray, p_marker: np.ndarray, call: np.ndarray, coarse: np.ndarray, h: Hierarchy, o: np.ndarray,
+    masses: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None,
 ) -> np.ndarray:
-    """Features of the called node for the confidence model (see ``CALIBRATION_FEATURES``)."""
-    cols = h.member[:, call].T  # [n, n_cand]: candidates under each cell's called node
-    mf, mk, mm = ((p * cols).sum(axis=1) for p in (fused, p_knn, p_marker))
+    """Features of one node per cell (the call, or e.g. its parent) for the confidence model.
+
+    See ``CALIBRATION_FEATURES``. ``masses`` are ``h.mass`` of ``fused``, ``p_knn`` and
+    ``p_marker`` when already computed (scoring two nodes per cell reads them twice).
+    """
+    if masses is None:
+        masses = (h.mass(fused), h.mass(p_knn), h.mass(p_marker))
+    rows = np.arange(len(call))
+    mf, mk, mm = (m[rows, call].astype(np.float64) for m in masses)
     kl, ml = p_knn.argmax(axis=1), p_marker.argmax(axis=1)
     agree = h.member[kl, call] & h.member[ml, call]
     return np.column_stack([_logit(mf), _logit(mk), _logit(mm), agree, o, coarse]).astype(np.float64)

@@ -99,6 +99,11 @@ class AnnotationResult:
         atlas's own neighbour-distance distribution (a robust z-score).
     novel
         Cell unlike anything in the atlas (flagged, label still reported).
+    parent_label, parent_confidence
+        The label one level above ``label`` in the atlas hierarchy (``""`` at a top-level
+        label) and the calibrated probability that the cell belongs to it (NaN where there is
+        no parent, or the atlas predates this calibration). "Naive CD4 T cell" at 0.62 may be
+        "CD4 T cell" at 0.98: the parent is what to read when the fine call is under review.
     embedding, layout
         Query embedding ``[n, d]`` and 2-D coordinates on the atlas layout ``[n, 2]``.
     gene_report
@@ -121,6 +126,8 @@ class AnnotationResult:
     agreement: np.ndarray
     distance: np.ndarray
     novel: np.ndarray
+    parent_label: np.ndarray | None = None
+    parent_confidence: np.ndarray | None = None
     embedding: np.ndarray | None = None
     layout: np.ndarray | None = None
     gene_report: dict[str, Any] = field(default_factory=dict)
@@ -129,6 +136,11 @@ class AnnotationResult:
     def __post_init__(self) -> None:
         if not isinstance(self.alternates, Alternates):
             self.alternates = Alternates.from_lists(list(self.alternates))
+        n = len(self.label)
+        if self.parent_label is None:
+            self.parent_label = np.full(n, "", dtype=object)
+        if self.parent_confidence is None:
+            self.parent_confidence = np.full(n, np.nan, dtype=np.float32)
 
     @property
     def band(self) -> np.ndarray:
@@ -150,6 +162,8 @@ class AnnotationResult:
                 "cell_type_band": self.band,
                 "cell_type_ontology_id": self.ontology_id,
                 "cell_type_level": self.level,
+                "cell_type_parent": self.parent_label,
+                "cell_type_parent_confidence": np.asarray(self.parent_confidence, dtype=float),
                 **alt,
                 **alt_s,
                 "markers": [",".join(m) for m in self.markers],
@@ -169,7 +183,8 @@ class AnnotationResult:
         """Write the calls into ``adata`` in place.
 
         obs: ``cell_type``, ``cell_type_confidence``, ``cell_type_band``,
-        ``cell_type_ontology_id``, ``cell_type_level``, ``cell_type_alternates``,
+        ``cell_type_ontology_id``, ``cell_type_level``, ``cell_type_parent``,
+        ``cell_type_parent_confidence``, ``cell_type_alternates``,
         ``cell_type_markers``, ``cell_type_novel``, ``cell_type_agreement``;
         obsm: ``X_cellatlas`` (embedding), ``X_cellatlas_umap`` (layout);
         uns: ``cellatlas`` (provenance and gene report).
@@ -183,6 +198,8 @@ class AnnotationResult:
         obs[f"{key}_band"] = pd.Categorical(df["cell_type_band"].to_numpy(), categories=["confident", "review", "low"])
         obs[f"{key}_ontology_id"] = df["cell_type_ontology_id"].to_numpy().astype(str)
         obs[f"{key}_level"] = df["cell_type_level"].to_numpy().astype(str)
+        obs[f"{key}_parent"] = df["cell_type_parent"].to_numpy().astype(str)
+        obs[f"{key}_parent_confidence"] = df["cell_type_parent_confidence"].to_numpy()
         obs[f"{key}_alternates"] = ["; ".join(f"{lab}:{s:.3f}" for lab, s in a) for a in self.alternates]
         obs[f"{key}_markers"] = df["markers"].to_numpy().astype(str)
         obs[f"{key}_novel"] = df["novel"].to_numpy()
@@ -206,14 +223,17 @@ class AnnotationResult:
             [{"label": str(lab), "score": sc} for lab, sc in zip(labs, scs) if lab != ""]
             for labs, scs in zip(alt_labels, alt_scores)
         ]
+        pc = np.asarray(self.parent_confidence, dtype=float)
+        parent_conf = [None if c != c else c for c in col(pc, 4)]  # NaN -> null
         base = zip(
             col(self.label), col(self.confidence, 4), alternates, self.markers, col(self.band),
             col(self.ontology_id), col(self.level), col(np.asarray(self.novel, dtype=bool)),
+            col(self.parent_label), parent_conf,
         )
         calls = [
             {"label": str(lab), "confidence": conf, "alternates": alts, "markers": list(mk), "band": band,
-             "ontology_id": str(oid), "level": str(lvl), "novel": nov}
-            for lab, conf, alts, mk, band, oid, lvl, nov in base
+             "ontology_id": str(oid), "level": str(lvl), "novel": nov, "parent_label": str(pl), "parent_confidence": pcf}
+            for lab, conf, alts, mk, band, oid, lvl, nov, pl, pcf in base
         ]
         if evidence:
             ev = zip(
@@ -254,6 +274,10 @@ class AnnotationResult:
             agreement=np.array([e.get("agreement", False) for e in ev], dtype=bool),
             distance=np.array([e.get("atlas_distance", np.nan) for e in ev], dtype=np.float32),
             novel=np.array([c.get("novel", False) for c in calls], dtype=bool),
+            parent_label=np.array([c.get("parent_label", "") for c in calls], dtype=object),
+            parent_confidence=np.array(
+                [np.nan if c.get("parent_confidence") is None else c["parent_confidence"] for c in calls], dtype=np.float32
+            ),
             embedding=embedding,
             layout=layout,
             gene_report=gene_report or {},
@@ -290,6 +314,8 @@ class AnnotationResult:
             agreement=cat("agreement"),
             distance=cat("distance"),
             novel=cat("novel"),
+            parent_label=cat("parent_label"),
+            parent_confidence=cat("parent_confidence"),
             embedding=cat("embedding"),
             layout=cat("layout"),
             gene_report=first.gene_report,

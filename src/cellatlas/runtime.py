@@ -109,6 +109,8 @@ class Scored:
     confidence: np.ndarray
     novel: np.ndarray
     ranks: sp.csr_matrix
+    parent: np.ndarray  # parent node of the call, -1 at a root
+    parent_confidence: np.ndarray  # calibrated probability that the parent is right (NaN: none)
 
 
 class AtlasRuntime:
@@ -139,6 +141,8 @@ class AtlasRuntime:
         cal = meta.get("calibration") or {}
         self.coef = np.asarray(cal.get("coef", [1.0, 0, 0, 0, 0, 0]), dtype=np.float64)
         self.intercept = float(cal.get("intercept", 0.0))
+        pcal = cal.get("parent")
+        self.parent_cal = (np.asarray(pcal["coef"], dtype=np.float64), float(pcal["intercept"])) if pcal else None
         self._init_labels(atlas)
         # The default encoder can embed downsampled reference cells on the fly; foundation
         # models search the stored full-depth embedding only.
@@ -295,7 +299,8 @@ class AtlasRuntime:
         o = np.maximum(o, fusion.marker_ood(s, self.marker_only))
         p_knn = fusion.spread_knn(p_ref, self.ref_to_cand, o, p_marker, self.marker_only)
         fused = fusion.fuse(p_knn, p_marker)
-        call, coarse = fusion.hierarchical_call(fused, self.hierarchy)
+        masses = (self.hierarchy.mass(fused), self.hierarchy.mass(p_knn), self.hierarchy.mass(p_marker))
+        call, coarse = fusion.hierarchical_call(fused, self.hierarchy, mass=masses[0])
         # Novel: no candidate's markers fit, and the neighbours' label does not fit either (or the
         # cell is far from every reference cell). Operating point chosen on the drop-one-label
         # benchmark (benchmarks/accuracy.py); the label is still reported, only flagged.
@@ -330,9 +335,17 @@ class AtlasRuntime:
                 up = fusion.roll_up_to_shared(call[conflict], shared, self.hierarchy)
                 moved = (up >= 0) & (up != call[conflict])
                 call[conflict[moved]], coarse[conflict[moved]] = up[moved], True
-        feats = fusion.calibration_features(fused, p_knn, p_marker, call, coarse, self.hierarchy, o)
+        feats = fusion.calibration_features(fused, p_knn, p_marker, call, coarse, self.hierarchy, o, masses)
         conf = fusion.apply_calibration(feats, self.coef, self.intercept)
-        return Scored(emb, sim, idx, p_knn, p_marker, s, fused, call, coarse, z, o, feats, conf, novel, ranks)
+        parent = self.hierarchy.parent[call]
+        p_conf = np.full(len(call), np.nan, dtype=np.float32)
+        if self.parent_cal is not None:
+            pf = fusion.calibration_features(
+                fused, p_knn, p_marker, np.maximum(parent, 0), np.ones(len(call), bool), self.hierarchy, o, masses
+            )
+            # A label's parent is at least as likely as the label itself; a top-level label has none.
+            p_conf = np.where(parent >= 0, np.maximum(fusion.apply_calibration(pf, *self.parent_cal), conf), np.nan).astype(np.float32)
+        return Scored(emb, sim, idx, p_knn, p_marker, s, fused, call, coarse, z, o, feats, conf, novel, ranks, parent, p_conf)
 
     def place(self, counts: sp.csr_matrix | None, stored: sp.csr_matrix | None = None) -> tuple[np.ndarray, np.ndarray]:
         """Embedding and neighbour-weighted layout position only (no marker scoring; arguments as :meth:`score`)."""

@@ -3,7 +3,8 @@
 CellTypist-style: over-cluster the query's own embedding (faiss k-means, about one
 cluster per 40 cells), and within each cluster relabel the minority cells whose call
 differs from a clear majority (> 50%). Changed cells keep their original call as the
-first alternate and are marked in ``provenance``.
+first alternate and are marked in ``provenance``; their ``confidence`` stays that of the
+cell's own evidence, and their parent is the new label's (with no parent confidence).
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ def majority_vote(res: AnnotationResult, *, seed: int = 0) -> np.ndarray:
     assign = assign.ravel()
     labels = np.asarray(res.label, dtype=object)
     ontology = dict(zip(labels, res.ontology_id))
+    parent = dict(zip(labels, res.parent_label))
     for c in np.unique(assign):
         members = np.nonzero(assign == c)[0]
         vals, counts = np.unique(labels[members], return_counts=True)
@@ -40,5 +42,7 @@ def majority_vote(res: AnnotationResult, *, seed: int = 0) -> np.ndarray:
             res.alternates[i] = [(str(labels[i]), float(res.confidence[i]))] + res.alternates[i][:2]
             res.label[i] = vals[top]
             res.ontology_id[i] = ontology.get(vals[top], "")
+            res.parent_label[i] = parent.get(vals[top], "")
+            res.parent_confidence[i] = np.nan
             changed[i] = True
     return changed

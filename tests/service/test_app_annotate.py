@@ -272,9 +272,9 @@ def test_annotate_npz_response_carries_the_whole_result(keyed, cells, npz_body):
     assert r.status_code == 200 and r.headers["content-type"].startswith("application/x-npz")
     with np.load(io.BytesIO(r.content), allow_pickle=False) as z:
         res, meta = decode_result({k: z[k] for k in z.files})
-    for name in ("label", "ontology_id", "level", "knn_label", "marker_label", "agreement", "novel"):
+    for name in ("label", "ontology_id", "level", "knn_label", "marker_label", "agreement", "novel", "parent_label"):
         assert list(getattr(res, name)) == list(getattr(ref, name)), name
-    for name in ("confidence", "knn_prob", "marker_score", "distance"):
+    for name in ("confidence", "knn_prob", "marker_score", "distance", "parent_confidence"):
         np.testing.assert_allclose(getattr(res, name), getattr(ref, name), atol=1e-6)
     assert res.markers == [list(m) for m in ref.markers]
     assert [[a for a, _ in alts] for alts in res.alternates] == [[a for a, _ in alts] for alts in ref.alternates]

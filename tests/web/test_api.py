@@ -129,6 +129,7 @@ def test_review_and_cell_detail(client, finished):
     c = client.get(f"{API}/sessions/{sid}/cells/3").json()
     assert c["index"] == 3 and c["cell_id"] and 0 <= c["confidence"] <= 1
     assert {"knn_label", "marker_label", "agreement"} <= set(c["evidence"]) and "pass" in c["qc"]
+    assert c["parent"]["label"] and c["parent"]["confidence"] >= c["confidence"] - 1e-4
     bad = client.get(f"{API}/sessions/{sid}/cells/{res['n_cells']}")
     assert bad.status_code == 422 and bad.json()["error"]["fix"]
     assert client.get(f"{API}/sessions/{sid}/review", params={"band": "maybe"}).status_code == 422

@@ -20,11 +20,11 @@ import pandas as pd
 
 from cellatlas.result import Alternates, AnnotationResult
 
-FORMAT = 2
-"""Version of the layout below (``meta_json["columnar"]``)."""
+FORMAT = 3
+"""Version of the layout below (``meta_json["columnar"]``; 3 added ``parent_label`` and ``parent_confidence``)."""
 
-_STR = ("cell_ids", "label", "ontology_id", "level", "knn_label", "marker_label")
-_F32 = ("confidence", "knn_prob", "marker_score", "distance")
+_STR = ("cell_ids", "label", "ontology_id", "level", "knn_label", "marker_label", "parent_label")
+_F32 = ("confidence", "knn_prob", "marker_score", "distance", "parent_confidence")
 _BOOL = ("agreement", "novel")
 
 
@@ -93,7 +93,7 @@ def decode_result(arrays: dict[str, np.ndarray], cell_ids=None) -> tuple[Annotat
     genes = arrays["marker_genes"].astype(object)[arrays["marker_codes"]].tolist()
     bounds = arrays["marker_offsets"].tolist()
     markers = [genes[a:b] for a, b in zip(bounds[:-1], bounds[1:])]
-    obj = {name: text(name) for name in _STR[1:]}
+    obj = {name: text(name) for name in _STR[1:] if name + "_codes" in arrays}  # format 2 had no parent
     obj["cell_ids"] = arrays["cell_ids"].astype(object)
     res = AnnotationResult(
         cell_ids=np.asarray(cell_ids, dtype=object) if cell_ids is not None else obj["cell_ids"],
@@ -110,6 +110,8 @@ def decode_result(arrays: dict[str, np.ndarray], cell_ids=None) -> tuple[Annotat
         agreement=arrays["agreement"],
         distance=arrays["distance"],
         novel=arrays["novel"],
+        parent_label=obj.get("parent_label"),
+        parent_confidence=arrays.get("parent_confidence"),
         embedding=arrays.get("embedding"),
         layout=arrays.get("layout"),
         gene_report=meta.get("gene_report") or {},

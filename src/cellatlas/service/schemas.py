@@ -55,6 +55,8 @@ class Call(BaseModel):
     ontology_id: str = Field(description="Cell Ontology id of label")
     level: str = Field(description="fine | coarse")
     novel: bool
+    parent_label: str = Field("", description="the label one level above label (empty at a top-level label)")
+    parent_confidence: float | None = Field(None, description="calibrated probability that parent_label is right (null: no parent)")
     evidence: Evidence
 
 

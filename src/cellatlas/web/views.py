@@ -198,6 +198,7 @@ def cell_detail(run: dict[str, Any], relabels: dict[int, str], i: int) -> dict[s
         "confidence": round(float(res.confidence[i]), 4),
         "band": str(res.band[i]),
         "level": str(res.level[i]),
+        "parent": {"label": str(res.parent_label[i]), "confidence": _finite(res.parent_confidence[i])},
         "ontology_id": str(res.ontology_id[i]),
         "alternates": [{"label": str(lab), "score": round(float(s), 4)} for lab, s in res.alternates[i]],
         "markers": list(res.markers[i])[:8],
@@ -267,3 +268,9 @@ def apply_relabel(
         else:
             out[i] = label
     return out, int(targets.size)
+
+
+def _finite(x) -> float | None:
+    """A rounded float, or None for NaN (JSON has no NaN)."""
+    x = float(x)
+    return round(x, 4) if np.isfinite(x) else None

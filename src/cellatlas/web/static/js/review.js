@@ -43,6 +43,7 @@ export function renderInspector(el, cell) {
       <dt>Markers say</dt><dd>${esc(ev.marker_label)} (score ${ev.marker_score.toFixed(2)})</dd>
       <dt>Signals agree</dt><dd>${ev.agreement ? "yes" : "no"}${cell.novel ? " · <b>unlike the atlas (novel?)</b>" : ""}</dd>
       <dt>Ontology</dt><dd>${esc(cell.ontology_id || "—")} · ${esc(cell.level)}</dd>
+      ${cell.parent.label ? `<dt>One level up</dt><dd>${esc(cell.parent.label)}${cell.parent.confidence == null ? "" : ` (confidence ${cell.parent.confidence.toFixed(2)})`}</dd>` : ""}
       <dt>QC</dt><dd>${qcText(cell.qc)} · ${Math.round(cell.qc.total_counts).toLocaleString()} counts${cell.qc.mito_fraction == null ? "" : ` · ${(cell.qc.mito_fraction * 100).toFixed(1)}% MT`}</dd>
     </dl>
     <div><div class="label">Markers expressed</div>${markerChips(cell)}</div>
