@@ -70,6 +70,22 @@ def test_markers_are_expressed_and_belong_to_the_label(pbmc_small, pbmc_result):
     assert checked > 20
 
 
+def test_markers_come_strongest_first_ties_in_list_order(pbmc_small):
+    from cellatlas.query import prepare_query
+    from cellatlas.runtime import AtlasRuntime
+
+    q = prepare_query(pbmc_small.X, list(pbmc_small.var_names))
+    rt = AtlasRuntime(cellatlas.load_atlas("human-core"), "default", q.genes)
+    sc = rt.score(None, q.take(q.plan(rt.q_cols)))
+    got = rt.expressed_markers(sc)
+    universe, ranks = np.asarray(rt.universe, dtype=object), sc.ranks.tocsr()
+    for i in range(0, len(got), 7):  # a direct per-cell sort as the reference
+        idx = np.asarray(rt.node_markers.marker_idx[sc.call[i]], dtype=np.int64)
+        vals = ranks[i].toarray().ravel()[idx]
+        order = sorted((-vals[k], k) for k in range(len(idx)) if vals[k] > 0)[:10]
+        assert got[i] == [universe[idx[k]] for _, k in order], i
+
+
 def test_accuracy_on_reference_lineages(pbmc_small, pbmc_result):
     # The atlas is built from PBMC3k, so this is a sanity check, not a benchmark.
     truth = pbmc_small.obs["cell_type"].astype(str).to_numpy()

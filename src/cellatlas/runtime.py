@@ -417,14 +417,18 @@ class AtlasRuntime:
         pos = slot[R.indices, sc.call[rows]]  # place in the called node's list, -1: not its marker
         keep = (pos >= 0) & (R.data > 0)
         r, c, v, pos = rows[keep], R.indices[keep], R.data[keep], pos[keep]
-        order = np.lexsort((pos, -v, r))
+        # Sort by (cell, expression rank descending, list place) with one integer key: the dense
+        # rank of -v keeps ties tied (as np.lexsort((pos, -v, r)) would, 3-4x slower).
+        _, vr = np.unique(-v, return_inverse=True)
+        n_v, n_pos = int(vr.max(initial=0)) + 1, int(pos.max(initial=0)) + 1
+        order = np.argsort((r.astype(np.int64) * n_v + vr) * n_pos + pos, kind="stable")
         r, c = r[order], c[order]
         starts = np.searchsorted(r, np.arange(n))
         top = np.arange(len(r)) - starts[r] < n_top
         names = np.asarray(self.universe, dtype=object)[cols][c[top]]
         bounds = np.searchsorted(r[top], np.arange(n + 1)).tolist()
         flat = names.tolist()
-        return [flat[bounds[i] : bounds[i + 1]] for i in range(n)]
+        return [flat[a:b] for a, b in zip(bounds[:-1], bounds[1:])]
 
     @cached_property
     def _marker_slots(self) -> tuple[np.ndarray, np.ndarray]:
