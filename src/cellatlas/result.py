@@ -102,8 +102,8 @@ class AnnotationResult:
     parent_label, parent_confidence
         The label one level above ``label`` in the atlas hierarchy (``""`` at a top-level
         label) and the calibrated probability that the cell belongs to it (NaN where there is
-        no parent, or the atlas predates this calibration). "Naive CD4 T cell" at 0.62 may be
-        "CD4 T cell" at 0.98: the parent is what to read when the fine call is under review.
+        no parent, or the atlas predates this calibration). A "Naive CD4 T cell" under review
+        may be a confident "CD4 T cell": the parent is what to read when the fine call is under review.
     embedding, layout
         Query embedding ``[n, d]`` and 2-D coordinates on the atlas layout ``[n, 2]``.
     gene_report

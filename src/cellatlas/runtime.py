@@ -54,6 +54,11 @@ DEPTH_LEVELS = 6
 """Reference marker statistics are computed at depths 1, 1/2, ..., 1/32 of the reference's own."""
 
 
+def depth_level_scores(ref: sp.csr_matrix, compiled) -> list[np.ndarray]:
+    """Raw marker scores of the reference cells thinned to each of the ``DEPTH_LEVELS`` depths (level 0: as stored)."""
+    return [score_markers(rank_scores(thin(ref, 0.5**lv) if lv else ref), compiled, ranked=True) for lv in range(DEPTH_LEVELS)]
+
+
 def marker_standardisation(ref_scores: np.ndarray, ref_codes: np.ndarray, ref_to_cand: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Centre and scale per candidate so that 0 = typical other cell, 1 = typical cell of the label.
 
@@ -217,12 +222,9 @@ class AtlasRuntime:
         ref = atlas.reference_counts()[:, r_cols].tocsr()
         self._ref_universe = ref
         self.ref_depth = float(np.median(np.asarray(ref.sum(axis=1)).ravel()))
-        levels = []
-        for lv in range(DEPTH_LEVELS):
-            raw = score_markers(rank_scores(thin(ref, 0.5**lv) if lv else ref), self.compiled, ranked=True)
-            levels.append(marker_standardisation(raw, self.ref_codes, self.ref_to_cand))
-            if lv == 0:  # the reference's own standardised scores, to judge which foils are usable
-                ref_std = (raw - levels[0][0]) / levels[0][1]
+        raws = depth_level_scores(ref, self.compiled)
+        levels = [marker_standardisation(raw, self.ref_codes, self.ref_to_cand) for raw in raws]
+        ref_std = (raws[0] - levels[0][0]) / levels[0][1]  # the reference's own, to judge which foils are usable
         self.marker_centre = np.stack([c for c, _ in levels])  # [levels, candidates]
         self.marker_scale = np.stack([s for _, s in levels])
         self._init_foils(atlas, ref_std)
@@ -247,12 +249,9 @@ class AtlasRuntime:
         gi = {g: i for i, g in enumerate(atlas.ref_genes)}
         ref = atlas.reference_counts()[:, np.array([gi[g] for g in universe], dtype=np.int64)].tocsr()
         compiled = compile_markers(foils, universe)
-        levels = []
-        for lv in range(DEPTH_LEVELS):
-            raw = score_markers(rank_scores(thin(ref, 0.5**lv) if lv else ref), compiled, ranked=True)
-            levels.append(fusion.foil_standardisation(raw, self.marker_scale[lv]))
-            if lv == 0:  # which foils may flag cells, judged on the reference's own cells
-                ref_foil = (raw - levels[0][0]) / levels[0][1]
+        raws = depth_level_scores(ref, compiled)
+        levels = [fusion.foil_standardisation(raw, scale) for raw, scale in zip(raws, self.marker_scale)]
+        ref_foil = (raws[0] - levels[0][0]) / levels[0][1]  # which foils may flag cells, judged on the reference's own cells
         present = set(universe)
         coverage = np.array([np.mean([g in present for g in (foils[f].get("own") or foils[f]["positive"])]) for f in compiled.labels])
         cols = np.nonzero(fusion.usable_foils(coverage, ref_std, ref_foil, self.ref_codes))[0]
