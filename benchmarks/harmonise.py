@@ -39,54 +39,10 @@ from cellatlas.fusion import expected_calibration_error
 OTHER = "(other)"
 """Placeholder for a call that maps onto no shared label."""
 
-# The same renaming the built-in atlas is built with (one table, two users).
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from scripts.build_builtin_atlas import PBMC3K_TO_CORE as PBMC3K  # noqa: E402
-
-KANG = {
-    "CD4 T cells": "CD4 T cell",
-    "CD8 T cells": "CD8 T cell",
-    "CD14+ Monocytes": "CD14 monocyte",
-    "FCGR3A+ Monocytes": "CD16 monocyte",
-    "B cells": "B cell",
-    "NK cells": "NK cell",
-}
-PANCREAS = {
-    "alpha": "Pancreatic alpha cell",
-    "beta": "Pancreatic beta cell",
-    "delta": "Pancreatic delta cell",
-    "gamma": "Pancreatic PP cell",
-    "epsilon": "Pancreatic epsilon cell",
-    "ductal": "Pancreatic ductal cell",
-    "acinar": "Pancreatic acinar cell",
-    "stellate": "Pancreatic stellate cell",
-    "activated_stellate": "Pancreatic stellate cell",
-    "quiescent_stellate": "Pancreatic stellate cell",
-    "endothelial": "Endothelial cell",
-    "macrophage": "Macrophage",
-    "mast": "Mast cell",
-    "schwann": "Schwann cell",
-    "t_cell": "T cell",
-    "T_cell": "T cell",
-    "B_cell": "B cell",
-    "immune_other": None,  # a mixed bag of immune cells: no single vocabulary label
-}
-CHETAH_HNSCC = {
-    "B cell": "B cell",
-    "CD4 T cell": "CD4 T cell",
-    "CD8 T cell": "CD8 T cell",
-    "Dendritic": "Dendritic cell",
-    "Endothelial": "Endothelial cell",
-    "Fibroblast": "Fibroblast",
-    "Macrophage": "Macrophage",
-    "Mast": "Mast cell",
-    "reg. T cell": "Regulatory T cell",
-}
-MOUSE_LUNG = {"B cells": "B cell", "NK cells": "NK cell", "Neutrophils": "Neutrophil", "T cells": "T cell"}
-CELL_LINES = {"H1975": "Epithelial cell", "HCC827": "Epithelial cell", "H2228": "Epithelial cell"}
-"""CellBench lines are lung adenocarcinoma lines: epithelial is the only cell-type truth they carry."""
-EMBRYO = {s: None for s in ("zygote", "2cell", "4cell", "8cell", "16cell", "blast")}
-"""Pre-implantation stages have no counterpart in the vocabulary (a pure novelty check)."""
+# The same renamings the built-in atlas is built with (one table, two users).
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+from builtin_sources import CELL_LINES, CHETAH_HNSCC, EMBRYO, KANG, MOUSE_LUNG, PANCREAS  # noqa: E402
+from builtin_sources import PBMC3K_TO_CORE as PBMC3K  # noqa: E402
 
 TABLES: dict[str, dict[str, str | None]] = {
     "pbmc3k": PBMC3K,

@@ -16,7 +16,6 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from cellatlas import fusion
 from cellatlas.atlas import DEFAULT_ATLAS, Atlas, load_atlas
 from cellatlas.config import get_settings
 from cellatlas.query import Query, prepare_query
@@ -142,10 +141,12 @@ def _annotate_chunk(rt: AtlasRuntime, query: Query, plan, rows: slice) -> Annota
     sc = rt.score(*_chunk_input(rt, query, plan, rows))
     nodes = np.asarray(rt.hierarchy.nodes, dtype=object)
     cands = np.asarray(rt.candidates, dtype=object)
-    kl, ml = sc.p_knn.argmax(axis=1), sc.p_marker.argmax(axis=1)
+    ref_labels = np.asarray(rt.atlas.reference_labels, dtype=object)
+    kl, ml = sc.vote.argmax(axis=1), sc.marker_prob.argmax(axis=1)
     r = np.arange(len(kl))
-    member = rt.hierarchy.member
-    agreement = member[kl, sc.call] & member[ml, sc.call]
+    above = rt.hierarchy.above
+    # Both signals fall at or below the call: the neighbours' label and the markers' best label.
+    agreement = above[rt.ref_node[kl], sc.call] & above[ml, sc.call]
     return AnnotationResult(
         cell_ids=query.cell_ids[rows],
         label=nodes[sc.call],
@@ -154,12 +155,12 @@ def _annotate_chunk(rt: AtlasRuntime, query: Query, plan, rows: slice) -> Annota
         level=np.where(sc.coarse, "coarse", "fine").astype(object),
         alternates=rt.alternates(sc),
         markers=rt.expressed_markers(sc),
-        knn_label=cands[kl],
-        knn_prob=sc.p_knn[r, kl].astype(np.float32),
+        knn_label=ref_labels[kl],
+        knn_prob=sc.vote[r, kl].astype(np.float32),
         marker_label=cands[ml],
-        marker_score=sc.p_marker[r, ml].astype(np.float32),
+        marker_score=sc.marker_prob[r, ml].astype(np.float32),
         agreement=agreement,
-        distance=sc.z,
+        distance=sc.distance,
         novel=sc.novel,
         parent_label=np.where(sc.parent >= 0, nodes[np.maximum(sc.parent, 0)], ""),
         parent_confidence=sc.parent_confidence,
@@ -241,4 +242,4 @@ def embed(
     return np.concatenate(embs), np.concatenate(lays), {**query.report, **rt.report}
 
 
-__all__ = ["annotate", "annotate_adata", "annotate_query", "embed", "fusion"]
+__all__ = ["annotate", "annotate_adata", "annotate_query", "embed"]

@@ -1,182 +1,200 @@
-"""Pure functions that turn the two signals into calls.
+"""One fitted model that turns the evidence about a cell into probabilities over labels.
 
-Signal 1: a distance-weighted vote among the cell's nearest reference neighbours.
-Signal 2: a rank-based marker-signature score per candidate label.
-They are fused by a geometric mean (the prototype's finding: as good as or better
-than veto/re-rank rules), a call is made top-down in the label hierarchy (a coarser
-label when only that level is supported), and the call's confidence is a logistic
-calibration fitted on held-out reference cells.
+The evidence (computed in :mod:`cellatlas.runtime`):
+
+* marker fit of every candidate label, from the curated and reference-derived marker sets,
+  on three scales: the raw rank score, the same centred on the reference's cells of other
+  labels, and a z-score against the cell's own expression (random genes as the null), so
+  that labels with and without reference cells are on one scale that does not depend on
+  how many genes were measured;
+* the distance-weighted vote of the cell's nearest reference neighbours, per hierarchy node,
+  read for each label as the vote for the label or any label above it (a reference cell
+  labelled "T cell" supports every kind of T cell; markers choose among them);
+* how far the cell lies from the reference (robust z of its neighbour distance).
+
+:class:`FusionModel` is a conditional logit over the options "each candidate label", "each
+curated type the atlas cannot call" (foils) and "none of these" (novel). Its few
+coefficients are shared by all labels, so it transfers to label sets it was not fitted
+on; they are fitted at build time on held-out cells (other datasets, labels held out,
+thinned and corrupted cells: :mod:`cellatlas.training`). The probabilities are the
+confidence: a node's mass (its candidates' summed probability) is the probability that the
+cell is that node or below it, so the call's confidence and its parent's come out of the
+same model, and the novel option's probability caps both.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
 K_NEIGHBOURS = 15
-MARKER_TEMPERATURE = 0.5
-"""Softmax temperature of standardised marker scores (1 = the gap between a label's own cells and others)."""
-CALL_THRESHOLD = 0.4
-"""A node is called when its fused probability mass reaches this."""
-OOD_Z = 3.0
-"""Robust z of the neighbour distance above which a cell is out of the atlas's range."""
-EPS = 1e-4
-CALIBRATION_FEATURES = ("logit_mass", "logit_knn_mass", "logit_marker_mass", "agreement", "ood", "coarse")
+CALL_THRESHOLD = 0.5
+"""The call descends the hierarchy to the child holding at least this probability: the deepest label
+more likely right than not (no tuning: any smaller value allows two children to qualify)."""
+NOVEL_THRESHOLD = 0.5
+"""A cell is flagged novel when "none of the atlas's labels" is more likely than not; its call's
+confidence is then below 0.5 by construction."""
+EPS = 1e-3
+"""Floor of a neighbour-vote share before its logarithm (a vote of 0 out of 15 neighbours is not certainty)."""
+
+FEATURES = (
+    "marker_centred", "marker_z", "marker_gap", "knn_log_vote", "reference_seen", "reference_seen_x_distance",
+    "foil", "novel", "novel_x_best_marker_centred", "novel_x_best_marker_z", "novel_x_distance", "novel_x_neighbour_label_z",
+    "novel_x_marker_z_margin",
+)
+"""Columns of the design matrix, one coefficient each (see :func:`design`)."""
 
 
-def knn_vote(sim: np.ndarray, idx: np.ndarray, ref_codes: np.ndarray, n_ref_labels: int, bandwidth: float) -> np.ndarray:
-    """Distance-weighted vote of the neighbours -> probabilities over reference labels.
+@dataclass
+class Evidence:
+    """What the model reads about a chunk of ``n`` cells.
 
-    Parameters
+    Attributes
     ----------
-    sim, idx
-        Cosine similarities and reference indices of the ``k`` neighbours ``[n, k]``.
-    ref_codes
-        Label code of each reference cell.
-    bandwidth
-        Kernel width in cosine distance (the reference's median neighbour distance).
+    raw_centred, z
+        Marker fit ``[n, n_cand + n_foil]``: raw rank score minus the reference's mean over
+        cells of other labels, and the z-score against the cell's own null.
+    gap
+        ``[n, n_cand]`` marker score standardised by the reference gap between a label's own
+        cells and others (0 for labels without own reference cells).
+    knn
+        ``[n, n_cand]`` neighbour-vote share of the label or any label above it.
+    distance
+        ``[n]`` robust z of the mean neighbour distance.
+    log_expressed
+        ``[n]`` log2(1 + number of the genes read that the cell expresses): how much evidence it can carry.
+    seen, own
+        ``[n_cand]`` whether reference cells carry the label or a label above it / the label itself.
+    n_foil
+        Number of foil columns at the end of ``raw_centred`` and ``z``.
     """
-    d = 1.0 - sim
-    w = np.exp(-(d - d[:, :1]) / max(bandwidth, 1e-3))
-    codes = ref_codes[idx]
-    n = sim.shape[0]
-    flat = (np.arange(n)[:, None] * n_ref_labels + codes).ravel()
-    p = np.bincount(flat, weights=w.ravel(), minlength=n * n_ref_labels).reshape(n, n_ref_labels)
-    p /= p.sum(axis=1, keepdims=True)
-    return p
+
+    raw_centred: np.ndarray
+    z: np.ndarray
+    gap: np.ndarray
+    knn: np.ndarray
+    distance: np.ndarray
+    log_expressed: np.ndarray
+    seen: np.ndarray
+    own: np.ndarray
+    n_foil: int = 0
+
+    @property
+    def n_cand(self) -> int:
+        return self.knn.shape[1]
+
+    def take(self, rows: np.ndarray) -> "Evidence":
+        return Evidence(self.raw_centred[rows], self.z[rows], self.gap[rows], self.knn[rows], self.distance[rows],
+                        self.log_expressed[rows], self.seen, self.own, self.n_foil)
 
 
-def ood_score(mean_dist: np.ndarray, median: float, mad: float) -> tuple[np.ndarray, np.ndarray]:
-    """Robust z of the mean neighbour distance and an out-of-distribution weight in [0, 1].
-
-    The weight is 0 up to ``OOD_Z - 1``, rises linearly and reaches 1 at ``OOD_Z + 1``.
-    """
-    z = (mean_dist - median) / max(1.4826 * mad, 1e-4)
-    return z.astype(np.float32), ood_weight(z)
-
-
-def ood_weight(z: np.ndarray) -> np.ndarray:
-    """Out-of-distribution weight in [0, 1] of a robust distance z (see :func:`ood_score`)."""
-    return np.clip((np.asarray(z, dtype=np.float64) - (OOD_Z - 1.0)) / 2.0, 0.0, 1.0)
-
-
-MARKER_OOD_MARGIN = 0.75
-"""Standardised marker-score lead (in label gaps) of a marker-defined label over every reference label
-at which the kNN mass starts moving to marker-defined labels; all of it has moved one gap later.
-
-Chosen on the built-in atlas section of benchmarks/accuracy.py (macro-F1 at 1.5 / 1.0 / 0.75 / 0.5):
-HNSCC 0.317 / 0.385 / 0.414 / 0.466, mouse Baron 0.326 / 0.410 / 0.432 / 0.468, CIDER Baron
-0.413 / 0.484 / 0.499 / 0.493, CEL-seq2 lines 0.966 / 0.984 / 0.985 / 0.988, Kang 0.971 throughout,
-Kang SCE 0.657 / 0.657 / 0.655 / 0.642. Non-blood cells (HNSCC endothelial cells) sit near
-sparse blood cells such as platelets in an embedding built on blood genes, at a typical
-distance, so only their markers can move them; 0.75 keeps blood data where it was."""
+def design(ev: Evidence) -> np.ndarray:
+    """Design tensor ``[n, n_cand + n_foil + 1, len(FEATURES)]`` (last option: novel)."""
+    n, c, f = ev.knn.shape[0], ev.n_cand, ev.n_foil
+    X = np.zeros((n, c + f + 1, len(FEATURES)), dtype=np.float32)
+    X[:, : c + f, 0] = ev.raw_centred
+    X[:, : c + f, 1] = ev.z
+    X[:, :c, 2] = ev.gap * ev.own[None, :]
+    seen = ev.seen.astype(np.float32)[None, :]
+    X[:, :c, 3] = np.log(ev.knn + EPS) * seen
+    X[:, :c, 4] = seen
+    X[:, :c, 5] = ev.distance[:, None] * seen
+    X[:, c : c + f, 6] = 1.0
+    X[:, -1, 7] = 1.0
+    X[:, -1, 8] = ev.raw_centred[:, :c].max(axis=1) if c else 0.0
+    X[:, -1, 9] = ev.z[:, :c].max(axis=1) if c else 0.0
+    X[:, -1, 10] = ev.distance
+    if c:
+        rows = np.arange(n)
+        X[:, -1, 11] = ev.z[rows, np.where(ev.seen[None, :], ev.knn, -1.0).argmax(axis=1)]
+        top2 = np.partition(ev.z[:, :c], -2, axis=1)[:, -2:] if c > 1 else np.hstack([ev.z[:, :c], ev.z[:, :c]])
+        X[:, -1, 12] = top2.max(axis=1) - top2.min(axis=1)
+    return X
 
 
-def marker_ood(std_scores: np.ndarray, marker_only: np.ndarray) -> np.ndarray:
-    """Out-of-reference weight from markers alone, in [0, 1].
-
-    Rises when a label the reference has no cells for fits the cell much better (by more
-    than ``MARKER_OOD_MARGIN`` label gaps) than every reference label. The lead is relative,
-    so it holds for shallow droplet data and deep full-length data alike.
-    """
-    if not marker_only.any() or marker_only.all():
-        return np.zeros(std_scores.shape[0])
-    lead = std_scores[:, marker_only].max(axis=1) - std_scores[:, ~marker_only].max(axis=1)
-    return np.clip(lead - MARKER_OOD_MARGIN, 0.0, 1.0)
-
-
-FOIL_MIN_COVERAGE = 0.5
-"""A foil (curated type the atlas cannot call) is used only when most of its own positive markers are measured:
-a signature read on a minority of its genes rests on one or two genes that other cells express too."""
-FOIL_MAX_REFERENCE_RATE = 0.25
-"""A foil that fits better than every candidate in more than this share of some reference label's own cells
-describes that label (one named outside the curated vocabulary, e.g. "NK" for "NK cell": 88% there) and is not
-used. A minority inside a label (NK-like cells in PBMC3k's "CD8 T": 10%) keeps it."""
-
-
-def foil_standardisation(ref_raw: np.ndarray, cand_scale: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Centre and scale of foil scores, on the candidates' standardised scale.
-
-    A foil has no reference cells, so its centre is the mean raw score over all reference
-    cells (0 = a typical reference cell) and its scale the median candidate gap between
-    own and other cells (1 = as far above the reference as a typical label's own cells).
-    """
-    n_foil = ref_raw.shape[1]
-    centre = ref_raw.mean(axis=0) if len(ref_raw) else np.zeros(n_foil)
-    scale = np.full(n_foil, float(np.median(cand_scale)) if len(cand_scale) else 0.3)
-    return centre.astype(np.float32), np.maximum(scale, 0.02).astype(np.float32)
-
-
-def usable_foils(coverage: np.ndarray, ref_std: np.ndarray, ref_foil: np.ndarray, ref_codes: np.ndarray) -> np.ndarray:
-    """Which foils may flag cells: measured well enough and not already describing a reference label.
-
-    Parameters
-    ----------
-    coverage
-        Share of each foil's own positive markers (not those inherited from its parent) present
-        in the scored genes.
-    ref_std, ref_foil
-        Standardised candidate and foil scores of the reference cells ``[n_ref, ...]``.
-    ref_codes
-        Reference label of each reference cell.
-    """
-    keep = np.asarray(coverage) >= FOIL_MIN_COVERAGE
-    if ref_foil.shape[1] == 0 or len(ref_foil) == 0:
-        return keep
-    beats = ref_foil > ref_std.max(axis=1, keepdims=True)
-    for c in np.unique(ref_codes):
-        keep &= beats[ref_codes == c].mean(axis=0) <= FOIL_MAX_REFERENCE_RATE
-    return keep
-
-
-def foil_lead(std_scores: np.ndarray, foil_scores: np.ndarray) -> np.ndarray:
-    """How much better the best foil fits than the best candidate (standardised units; -inf without foils).
-
-    A positive lead means a curated type the atlas cannot call describes the cell better
-    than every label it can: the cell is flagged novel (its label is still reported).
-    """
-    if foil_scores.shape[1] == 0:
-        return np.full(std_scores.shape[0], -np.inf)
-    return foil_scores.max(axis=1) - std_scores.max(axis=1)
-
-
-def marker_probs(scores: np.ndarray, temperature: float = MARKER_TEMPERATURE) -> np.ndarray:
-    """Softmax of marker scores over candidate labels."""
-    s = scores / temperature
-    s = s - s.max(axis=1, keepdims=True)
-    e = np.exp(s)
+def softmax(u: np.ndarray) -> np.ndarray:
+    u = u - u.max(axis=1, keepdims=True)
+    e = np.exp(u)
     return e / e.sum(axis=1, keepdims=True)
 
 
-def spread_knn(p_ref: np.ndarray, ref_to_cand: np.ndarray, o: np.ndarray, p_marker: np.ndarray, marker_only: np.ndarray) -> np.ndarray:
-    """kNN probabilities over all candidates.
+@dataclass
+class FusionModel:
+    """Conditional logit over candidates, foils and "novel" (coefficients per :data:`FEATURES`)."""
 
-    The reference labels keep ``(1 - o)`` of the mass; the rest goes to the labels the
-    reference has no cells for, in proportion to their marker probability, so a cell far
-    from every reference cell can still be called a type that only markers describe.
+    coef: np.ndarray
+    summary: dict = field(default_factory=dict)
+
+    @classmethod
+    def default(cls) -> "FusionModel":
+        """Unfitted fallback: markers and neighbours weighted equally, novel unlikely (tests, atlases without held-out data)."""
+        c = dict(zip(FEATURES, np.zeros(len(FEATURES))))
+        c.update(marker_centred=8.0, knn_log_vote=1.0, reference_seen=1.0, novel=-4.0)
+        return cls(np.array([c[k] for k in FEATURES], dtype=np.float64), {"fitted": False})
+
+    @classmethod
+    def from_dict(cls, d: dict | None) -> "FusionModel":
+        if not d or "coef" not in d:
+            return cls.default()
+        coef = d["coef"]
+        if isinstance(coef, dict):
+            coef = [float(coef.get(k, 0.0)) for k in FEATURES]
+        return cls(np.asarray(coef, dtype=np.float64), dict(d.get("summary", {})))
+
+    def to_dict(self) -> dict:
+        return {"coef": {k: float(v) for k, v in zip(FEATURES, self.coef)}, "summary": self.summary}
+
+    def probabilities(self, ev: Evidence) -> np.ndarray:
+        """``[n, n_cand + n_foil + 1]`` probabilities (last column: novel)."""
+        return softmax(design(ev) @ self.coef.astype(np.float32))
+
+    def marker_probabilities(self, ev: Evidence) -> np.ndarray:
+        """``[n, n_cand]`` what the marker terms alone say (softmax over candidates)."""
+        c = ev.n_cand
+        u = self.coef[0] * ev.raw_centred[:, :c] + self.coef[1] * ev.z[:, :c] + self.coef[2] * ev.gap * ev.own[None, :]
+        return softmax(u)
+
+
+def fit(X: np.ndarray, truth: np.ndarray, weight: np.ndarray | None = None, l2: float = 1e-2) -> FusionModel:
+    """Maximum-likelihood coefficients of the conditional logit.
+
+    Parameters
+    ----------
+    X
+        Design tensor ``[N, O, p]`` of held-out cases (:func:`design`).
+    truth
+        ``[N, O]`` bool: the options that are right for each case (all candidates under a
+        coarse truth label; "novel" or the matching foil for a type the atlas cannot call).
+        The likelihood of a case is the probability of its right options together.
+    weight
+        Case weights (default 1).
+    l2
+        Ridge penalty per unit of total weight.
     """
-    n, c = p_ref.shape[0], p_marker.shape[1]
-    p = np.zeros((n, c))
-    p[:, ref_to_cand] = p_ref * (1.0 - o)[:, None]
-    if marker_only.any():
-        pm = p_marker[:, marker_only]
-        pm = pm / np.maximum(pm.sum(axis=1, keepdims=True), 1e-12)
-        p[:, marker_only] += pm * o[:, None]
-    else:
-        p[:, ref_to_cand] += p_ref * o[:, None]
-    return p
+    from scipy.optimize import minimize
 
+    X = np.asarray(X, dtype=np.float64)
+    T = np.asarray(truth, dtype=bool)
+    keep = T.any(axis=1)
+    X, T = X[keep], T[keep]
+    w = np.ones(len(X)) if weight is None else np.asarray(weight, dtype=np.float64)[keep]
+    w = w / w.sum()
+    start = FusionModel.default().coef
 
-MARKER_WEIGHT = 0.5
-"""Weight of the marker signal in the geometric mean (0.35 measured no better on the cross-dataset splits)."""
+    def nll(beta):
+        P = softmax(X @ beta)
+        PT = np.where(T, P, 0.0)
+        s = np.maximum(PT.sum(axis=1), 1e-300)
+        Q = PT / s[:, None]
+        loss = -(w * np.log(s)).sum() + 0.5 * l2 * beta @ beta
+        grad = np.einsum("no,nop->p", (P - Q) * w[:, None], X) + l2 * beta
+        return loss, grad
 
-
-def fuse(p_knn: np.ndarray, p_marker: np.ndarray, marker_weight: float | None = None) -> np.ndarray:
-    """Weighted geometric mean of the two signals, renormalised."""
-    w = MARKER_WEIGHT if marker_weight is None else marker_weight
-    f = (p_knn + EPS) ** (1.0 - w) * (p_marker + EPS) ** w
-    return f / f.sum(axis=1, keepdims=True)
+    res = minimize(nll, start, jac=True, method="L-BFGS-B")
+    model = FusionModel(res.x)
+    model.summary = {"fitted": True, "n_cases": int(len(X)), "loss": float(res.fun), "converged": bool(res.success)}
+    return model
 
 
 @dataclass
@@ -195,9 +213,14 @@ class Hierarchy:
     above: np.ndarray  # [n_nodes, n_nodes] bool
 
     @classmethod
-    def build(cls, candidates: list[str], parents: dict[str, str]) -> "Hierarchy":
+    def build(cls, candidates: list[str], parents: dict[str, str], extra: list[str] = ()) -> "Hierarchy":
+        """Candidates first, then every ancestor (and ``extra`` nodes, e.g. reference labels that are not candidates)."""
         nodes = list(candidates)
         pos = {n: i for i, n in enumerate(nodes)}
+        for e in extra:
+            if e not in pos:
+                pos[e] = len(nodes)
+                nodes.append(e)
         i = 0
         while i < len(nodes):
             par = parents.get(nodes[i]) or ""
@@ -226,39 +249,44 @@ class Hierarchy:
         return p @ self._member_f
 
 
-def roll_up_to_shared(call: np.ndarray, other_above: np.ndarray, h: Hierarchy) -> np.ndarray:
-    """The deepest node that is both the call (or above it) and above another type, per cell.
+def knn_vote(sim: np.ndarray, idx: np.ndarray, ref_codes: np.ndarray, n_codes: int, bandwidth: float) -> np.ndarray:
+    """Distance-weighted vote of the neighbours -> shares over reference label codes ``[n, n_codes]``.
 
     Parameters
     ----------
-    call
-        Called node per cell.
-    other_above
-        ``[n, n_nodes]`` bool: which hierarchy nodes lie above the other type of each cell (e.g. a
-        curated type the atlas cannot call, which fits the cell better than every candidate).
-
-    Returns the node per cell, or ``-1`` where the two share no node (the call is then kept).
+    sim, idx
+        Cosine similarities and reference indices of the ``k`` neighbours ``[n, k]``.
+    ref_codes
+        Label code of each reference cell.
+    bandwidth
+        Kernel width in cosine distance (the reference's median neighbour distance).
     """
-    shared = h.above[call] & other_above
-    depth = np.where(shared, h.depth[None, :], -1)
-    best = depth.argmax(axis=1)
-    return np.where(depth.max(axis=1) >= 0, best, -1)
+    d = 1.0 - sim
+    w = np.exp(-(d - d[:, :1]) / max(bandwidth, 1e-3))
+    codes = ref_codes[idx]
+    n = sim.shape[0]
+    flat = (np.arange(n)[:, None] * n_codes + codes).ravel()
+    p = np.bincount(flat, weights=w.ravel(), minlength=n * n_codes).reshape(n, n_codes)
+    p /= np.maximum(p.sum(axis=1, keepdims=True), 1e-12)
+    return p
 
 
-def hierarchical_call(
-    fused: np.ndarray, h: Hierarchy, threshold: float = CALL_THRESHOLD, mass: np.ndarray | None = None
-) -> tuple[np.ndarray, np.ndarray]:
+def ood_z(mean_dist: np.ndarray, median: float, mad: float) -> np.ndarray:
+    """Robust z of the mean neighbour distance against the reference's own distribution."""
+    return ((mean_dist - median) / max(1.4826 * mad, 1e-4)).astype(np.float32)
+
+
+def hierarchical_call(p: np.ndarray, h: Hierarchy, threshold: float = CALL_THRESHOLD, mass: np.ndarray | None = None) -> np.ndarray:
     """Top-down call: from the roots, step to the child with the most mass while it reaches ``threshold``.
 
-    Returns the called node index per cell and whether it is coarser than the best
-    candidate. If no top-level node reaches the threshold, the best candidate is called
-    (with the low confidence its mass implies). ``mass`` is ``h.mass(fused)`` when already computed.
+    ``p`` are candidate probabilities ``[n, n_cand]`` (they may sum to less than 1: the rest is
+    "novel"). If no top-level node reaches the threshold, the best candidate is called (its
+    low probability is its confidence). ``mass`` is ``h.mass(p)`` when already computed.
     """
-    mass = h.mass(fused) if mass is None else mass
+    mass = h.mass(p) if mass is None else mass
     n, n_nodes = mass.shape
-    # children[j + 1] masks the children of node j; children[0] the roots.
     children = np.zeros((n_nodes + 1, n_nodes), dtype=bool)
-    children[h.parent + 1, np.arange(n_nodes)] = True
+    children[h.parent + 1, np.arange(n_nodes)] = True  # children[j + 1]: children of node j; [0]: roots
     current = np.full(n, -1)
     rows = np.arange(n)
     for _ in range(int(h.depth.max()) + 1):
@@ -268,63 +296,7 @@ def hierarchical_call(
         if not step.any():
             break
         current = np.where(step, child, current)
-    best = fused.argmax(axis=1)
-    call = np.where(current >= 0, current, best)
-    return call, call != best
-
-
-def _logit(p: np.ndarray) -> np.ndarray:
-    p = np.clip(p, 1e-4, 1 - 1e-4)
-    return np.log(p / (1 - p))
-
-
-def calibration_features(
-    fused: np.ndarray, p_knn: np.ndarray, p_marker: np.ndarray, call: np.ndarray, coarse: np.ndarray, h: Hierarchy, o: np.ndarray,
-    masses: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None,
-) -> np.ndarray:
-    """Features of one node per cell (the call, or e.g. its parent) for the confidence model.
-
-    See ``CALIBRATION_FEATURES``. ``masses`` are ``h.mass`` of ``fused``, ``p_knn`` and
-    ``p_marker`` when already computed (scoring two nodes per cell reads them twice).
-    """
-    if masses is None:
-        masses = (h.mass(fused), h.mass(p_knn), h.mass(p_marker))
-    rows = np.arange(len(call))
-    mf, mk, mm = (m[rows, call].astype(np.float64) for m in masses)
-    kl, ml = p_knn.argmax(axis=1), p_marker.argmax(axis=1)
-    agree = h.member[kl, call] & h.member[ml, call]
-    return np.column_stack([_logit(mf), _logit(mk), _logit(mm), agree, o, coarse]).astype(np.float64)
-
-
-def apply_calibration(features: np.ndarray, coef: np.ndarray, intercept: float) -> np.ndarray:
-    """Logistic calibration -> confidence in [0, 1]."""
-    z = features @ np.asarray(coef, dtype=np.float64) + float(intercept)
-    return (1.0 / (1.0 + np.exp(-z))).astype(np.float32)
-
-
-def fit_calibration(features: np.ndarray, correct: np.ndarray) -> dict:
-    """Fit the logistic confidence model on held-out reference calls; returns its parameters and ECE.
-
-    Targets are smoothed as in Platt (1999): a right call counts as ``(N+ + 1) / (N+ + 2)``
-    right and a wrong one as ``1 / (N- + 2)``, so a held-out set with few or no errors
-    (e.g. pseudo-cells drawn from averaged profiles, which are all called right) gives
-    a confidence near its smoothed accuracy instead of an undefined fit.
-    """
-    from sklearn.linear_model import LogisticRegression
-
-    y = np.asarray(correct, dtype=bool)
-    n_pos, n_neg = int(y.sum()), int((~y).sum())
-    target = np.where(y, (n_pos + 1.0) / (n_pos + 2.0), 1.0 / (n_neg + 2.0))
-    X = np.vstack([features, features])
-    labels = np.r_[np.ones(len(y), dtype=int), np.zeros(len(y), dtype=int)]
-    lr = LogisticRegression(C=1.0, max_iter=1000).fit(X, labels, sample_weight=np.r_[target, 1.0 - target])
-    p = lr.predict_proba(features)[:, 1]
-    return {
-        "coef": lr.coef_[0].tolist(),
-        "intercept": float(lr.intercept_[0]),
-        "n": int(len(y)),
-        "summary": {"n": int(len(y)), "accuracy": float(y.mean()), "ece": expected_calibration_error(p, y)},
-    }
+    return np.where(current >= 0, current, p.argmax(axis=1))
 
 
 def expected_calibration_error(conf: np.ndarray, correct: np.ndarray, n_bins: int = 10) -> float:

@@ -42,7 +42,7 @@ from cellatlas.ranks import as_csr, rank_chunk, rank_scores, row_chunks
 
 __all__ = [
     "NEG_WEIGHT", "CompiledMarkers", "ancestors", "compile_markers", "derive_markers", "load_curated_markers",
-    "load_labels", "merge_markers", "rank_scores", "score_markers",
+    "load_labels", "marker_null_z", "merge_markers", "rank_scores", "score_markers",
 ]
 
 NEG_WEIGHT = 1.0
@@ -300,6 +300,36 @@ def score_markers(counts: Any, compiled: CompiledMarkers, *, ranked: bool = Fals
         out[start:stop] = (R @ W).toarray()
     np.clip(out, -1.0, 1.0, out=out)
     return out
+
+
+def marker_null_z(raw: np.ndarray, ranks: sp.csr_matrix, compiled: CompiledMarkers) -> np.ndarray:
+    """z-score of each marker score against random gene sets of the same make-up in the same cell.
+
+    A random gene of a cell expressing ``q`` of the scored genes has rank score 0 with
+    probability ``1 - q`` and is otherwise uniform on (0, 1]: mean ``q / 2``, variance
+    ``q / 3 - q**2 / 4``. A label's score sums its present positive markers minus its present
+    negative ones over its number of positive markers (:func:`score_markers`), which fixes its
+    null mean and variance. The z needs no reference cells, so labels with and without them
+    are on one scale, and it grows with the evidence (more measured markers, deeper cells).
+
+    Parameters
+    ----------
+    raw
+        ``[n, n_labels]`` scores from :func:`score_markers`.
+    ranks
+        The rank scores they were computed from (``[n, n_genes]``; only the row counts are read).
+    compiled
+        The marker sets.
+    """
+    q = np.diff(ranks.indptr).astype(np.float64) / max(ranks.shape[1], 1)
+    var1 = np.maximum(q / 3.0 - q**2 / 4.0, 0.0)
+    p, n = compiled.n_pos_present.astype(np.float64), compiled.n_neg_present.astype(np.float64)
+    t = np.maximum(compiled.n_pos_total, 1).astype(np.float64)
+    mean = (q / 2.0)[:, None] * ((p - n) / t)[None, :]
+    sd = np.sqrt(var1[:, None] * ((p + n) / t**2)[None, :])
+    with np.errstate(divide="ignore", invalid="ignore"):
+        z = np.where(sd > 0, (raw - mean) / np.where(sd > 0, sd, 1.0), 0.0)
+    return z.astype(np.float32)
 
 
 # --------------------------------------------------------------------------- derived markers

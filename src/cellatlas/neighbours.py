@@ -131,5 +131,5 @@ class DepthMatchedIndex:
             rows = np.nonzero(level == lv)[0]
             index, stats = self.level(int(lv))
             sim[rows], idx[rows] = index.search(emb[rows], k)
-            z[rows] = fusion.ood_score((1.0 - sim[rows]).mean(axis=1), stats["median"], stats["mad"])[0]
+            z[rows] = fusion.ood_z((1.0 - sim[rows]).mean(axis=1), stats["median"], stats["mad"])
         return sim, idx, z
