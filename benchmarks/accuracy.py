@@ -1,21 +1,23 @@
-"""Accuracy benchmark of issue #2 (one command, one run).
+"""Accuracy benchmark (one command, one run).
 
-    python benchmarks/accuracy.py [--sections cross,builtin,novel] [--no-baselines]
-                                  [--singler-max-cells N] [--out benchmarks/results]
+    python benchmarks/accuracy.py [--sections cross,zeroshot,thinning,novel] [--no-baselines]
+                                  [--singler-max-cells N] [--zeroshot-singler] [--out benchmarks/results]
 
 Sections (see benchmarks/README.md for what each number means):
 
 * ``cross``: cross-dataset splits, engine vs baselines trained on the same reference:
   PBMC3k -> Kang, Kang -> PBMC3k, Xin -> Wang, Wang -> Xin, and the human Baron
   pancreas profiles (as pseudo-cells) -> mouse Baron pancreas through orthologs.
-* ``builtin``: the built-in ``human-core`` atlas alone on every labelled dataset in
-  ../shared/data (zero-shot). PBMC3k is scored against the same recipe built from Kang
-  instead, because human-core is built from PBMC3k.
+* ``zeroshot``: the built-in atlas on every labelled dataset in ../shared/data, each against
+  the atlas rebuilt without the dataset's group (``zeroshot.py``), with its marker-only and
+  neighbour-only columns, a marker-enrichment baseline and classifiers trained on the same
+  reference, at one coarse vocabulary (``coarse.py``).
+* ``thinning``: Kang's cells thinned to 1/2 ... 1/64 of their counts: confidence must fall.
 * ``novel``: atlases with one label removed; share of that label's cells flagged.
 
 Writes ``accuracy.json``, ``accuracy.md``, ``reliability.png`` and
 ``reliability_overall.png`` to the output folder. Atlases are built in memory with
-``calibrate_folds=3`` and ``layout="pca"`` to keep the run short.
+``fit_folds=3`` and ``layout="pca"`` to keep the run short.
 """
 
 from __future__ import annotations
@@ -36,11 +38,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import baselines  # noqa: E402
 import harmonise as hm  # noqa: E402
 import report  # noqa: E402
+import zeroshot  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("CELLATLAS_SHARED_DATA") or REPO.parent / "shared" / "data")
 SEED = 0
-BUILD = {"calibrate_folds": 3, "layout": "pca", "seed": SEED}
+BUILD = {"fit_folds": 3, "layout": "pca", "seed": SEED}
 
 DATASETS = {
     "pbmc3k": ("human_pbmc3k_10xv1_seurat_labels.h5ad", "pbmc3k"),
@@ -208,29 +211,6 @@ def section_cross(args) -> list[dict]:
     return rows
 
 
-def section_builtin(args) -> list[dict]:
-    from cellatlas.atlas import load_atlas
-
-    core = load_atlas("human-core")
-    rows = []
-    present = sorted(p.name for p in (SHARED / "datasets").glob("*.h5ad"))
-    by_file = {f: k for k, (f, _) in DATASETS.items()}
-    for fname in present:
-        key = by_file.get(fname)
-        if key is None:
-            rows.append({"dataset": fname, "error": "no harmonisation table in benchmarks/accuracy.py"})
-            continue
-        log(f"built-in atlas on {key}")
-        if key == "pbmc3k":
-            atlas = build(load("kang"), table_of("kang"), "human-core recipe from Kang", marker_labels="all")
-            note = "not zero-shot with human-core (built from PBMC3k): same recipe built from Kang"
-        else:
-            atlas, note = core, ""
-        r = run_engine(load(key), atlas, key)
-        rows.append({"dataset": key, "atlas": atlas.name, "note": note, **r})
-    return rows
-
-
 NOVEL = [
     ("PBMC3k minus B", "pbmc3k", "B", "kang"),
     ("PBMC3k minus NK", "pbmc3k", "NK", "kang"),
@@ -294,9 +274,10 @@ def section_novel(args) -> list[dict]:
 # ---------------------------------------------------------------------- main
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--sections", default="cross,builtin,novel")
+    ap.add_argument("--sections", default="cross,zeroshot,thinning,novel")
     ap.add_argument("--no-baselines", action="store_true")
     ap.add_argument("--singler-max-cells", type=int, default=0, help="SingleR on at most this many query cells (0 = all)")
+    ap.add_argument("--zeroshot-singler", action="store_true", help="also run SingleR in the zero-shot section (slow)")
     ap.add_argument("--no-novel-markers", dest="novel_markers", action="store_false",
                     help="skip the novel-type variant where the dropped label stays a marker-defined candidate")
     ap.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results")
@@ -309,7 +290,11 @@ def main(argv=None) -> dict:
     out = {"machine": {"python": platform.python_version(), "cpus": os.cpu_count(), "platform": platform.platform()},
            "settings": {"build": BUILD, "singler_max_cells": args.singler_max_cells, "seed": SEED},
            "ontology_check": hm.ontology_check(SHARED / "ontology" / "cell_ontology_CL_from_cellmarkeraccordion.tsv.gz")}
-    runners = {"cross": section_cross, "builtin": section_builtin, "novel": section_novel}
+    args.shared = SHARED
+    lodo = zeroshot.Lodo(SHARED, log)
+    runners = {"cross": section_cross, "novel": section_novel,
+               "zeroshot": lambda a: zeroshot.section_zeroshot(a, load, lodo, log),
+               "thinning": lambda a: zeroshot.thinning(a, load, lodo, log)}
     for s in sections:
         out[s] = runners[s](args)
     out["criteria"] = report.criteria(out)

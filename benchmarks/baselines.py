@@ -14,6 +14,8 @@ and its fit and predict times.
 * ``knn_pca``: 50 PCs of the reference HVGs (scanpy), query projected on them,
   15-nearest-neighbour majority vote (no markers).
 * ``ingest``: ``scanpy.tl.ingest`` onto the reference PCA, kNN label transfer.
+* ``decoupler_ulm_panglaodb``: no reference; decoupler's univariate linear model of every cell's
+  log1p CP10k on every human PanglaoDB marker set (all organs), argmax per cell.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import time
 import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Callable
 
 import numpy as np
@@ -280,3 +283,32 @@ def run_all(
         log(f"  baseline {name}: {'error ' + res.error if res.error else f'{res.predict_s:.2f} s'}")
         out.append(res)
     return out
+
+
+PANGLAO = "markers/original/panglaodb_hs_from_CAdir.tsv.gz"
+
+
+def panglao_net(shared) -> "pd.DataFrame":
+    """Every human PanglaoDB row (all organs) as a decoupler network (source = cell type, target = gene)."""
+    import pandas as pd
+
+    df = pd.read_csv(Path(shared) / PANGLAO, sep="\t")
+    df = df[df["species"].astype(str).str.contains("Hs")]
+    return df[["cell_type", "gene"]].drop_duplicates().rename(columns={"cell_type": "source", "gene": "target"})
+
+
+def run_marker_enrichment(query_counts, query_genes, net, to_vocab: dict) -> BaselineResult:
+    """decoupler ``mt.ulm`` (tmin=5) on log1p CP10k with the PanglaoDB network, argmax per cell.
+
+    PanglaoDB cell types are renamed onto the vocabulary by ``to_vocab`` (unmapped types: ``None``).
+    """
+    import decoupler as dc
+
+    t0 = time.perf_counter()
+    a = _adata(lognorm(sp.csr_matrix(query_counts)), list(query_genes))
+    dc.mt.ulm(data=a, net=net, tmin=5, verbose=False)
+    sc = a.obsm["score_ulm"]
+    best = sc.columns.to_numpy()[np.nanargmax(np.nan_to_num(sc.to_numpy(), nan=-np.inf), axis=1)]
+    pred = np.array([to_vocab.get(b) for b in best], dtype=object)
+    return BaselineResult("decoupler_ulm_panglaodb", pred, None, 0.0, time.perf_counter() - t0,
+                          info={"n_cell_types": int(sc.shape[1])})

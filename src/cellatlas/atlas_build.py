@@ -31,10 +31,9 @@ from cellatlas.encoders.default import DefaultEncoder
 from cellatlas.errors import InputError
 from cellatlas.markers import derive_markers, load_curated_markers, load_labels, merge_markers
 from cellatlas.neighbours import neighbour_stats
-from cellatlas.sources import NOVEL, Prepared, Source, dispersion_of, prepare, stack
+from cellatlas.sources import Source, measured_by_all, prepare_sources, stack
 
 REFERENCE_KINDS = ("cells", "profiles")
-MIN_CELLS_PER_LABEL = 5
 MIN_MARKERS = 3
 """A marker-defined label needs this many positive markers of its own to be a candidate."""
 RICH_CURATED = 5
@@ -271,43 +270,6 @@ def _anchors(layout: np.ndarray, names: Sequence[str]) -> dict[str, list[float]]
     return {n: [float(c[0] + r * np.cos(a)), float(c[1] + r * np.sin(a))] for n, a in zip(names, ang)}
 
 
-def measured_by_all(parts: Sequence[Prepared]) -> set[str]:
-    """Genes every part measured."""
-    return set.intersection(*(set(p.genes) for p in parts)) if parts else set()
-
-
-def _profiles_fill_gaps(prepared: list[Prepared]) -> None:
-    """Keep profile pseudo-cells only for labels no single-cell source of the same species has (in place).
-
-    Pseudo-cells drawn from a type's average are more "typical" than any real cell, so where
-    real cells of the type exist, pseudo-cells would take their place as every query's
-    nearest neighbours; they stand in for cells of their species that the build lacks.
-    """
-    def species(p: Prepared) -> str:
-        return str(p.report.get("species", "human"))
-
-    for p in prepared:
-        if p.kind == "profiles":
-            real = {lab for q in prepared if q.kind == "cells" and species(q) == species(p) for lab in q.labels.tolist()}
-            keep = ~np.isin(p.labels, list(real))
-            p.counts, p.labels, p.obs = p.counts[keep], p.labels[keep], p.obs.iloc[np.flatnonzero(keep)]
-
-
-def _check_labels(prepared: list[Prepared]) -> list[str]:
-    """Drop reference labels with too few cells (in place); returns the dropped labels."""
-    ref = [p for p in prepared if p.kind != "heldout"]
-    counts = pd.Series(np.concatenate([p.labels for p in ref]) if ref else []).value_counts()
-    small = set(counts[counts < MIN_CELLS_PER_LABEL].index) - {NOVEL}
-    for p in ref:
-        keep = ~np.isin(p.labels, list(small)) & (p.labels != NOVEL)
-        if not keep.all():
-            p.counts, p.labels, p.obs = p.counts[keep], p.labels[keep], p.obs.iloc[np.flatnonzero(keep)]
-    labels = {lab for p in ref for lab in p.labels.tolist()}
-    if sum(len(p.labels) for p in ref) < 10 or len(labels) < 2:
-        raise InputError("An atlas needs at least two labels with 5+ cells each.", fix="Check --label-key.", field="label_key")
-    return sorted(small)
-
-
 def build_from_sources(
     sources: Sequence[Source],
     *,
@@ -353,12 +315,7 @@ def build_from_sources(
     from cellatlas.training import fit_fusion
 
     log = log or (lambda m: None)
-    prepared = [prepare(s, seed=seed) if s.kind != "profiles" else None for s in sources]
-    dispersion = dispersion_of([p for p in prepared if p is not None])
-    prepared = [p if p is not None else prepare(s, seed=seed, dispersion=dispersion) for p, s in zip(prepared, sources)]
-    dropped = _check_labels(prepared)
-    _profiles_fill_gaps(prepared)
-    prepared = [p for p in prepared if len(p.labels)]
+    prepared, dropped, dispersion = prepare_sources(sources, seed=seed)
     ref_parts = [p for p in prepared if p.kind != "heldout"]
     reference_kind = reference_kind or ("profiles" if all(p.kind == "profiles" for p in ref_parts) else "cells")
     transform = transform or ("log1p" if reference_kind == "profiles" else "rank")

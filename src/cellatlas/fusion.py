@@ -39,9 +39,9 @@ EPS = 1e-3
 """Floor of a neighbour-vote share before its logarithm (a vote of 0 out of 15 neighbours is not certainty)."""
 
 FEATURES = (
-    "marker_centred", "marker_z", "marker_gap", "knn_log_vote", "reference_seen", "reference_seen_x_distance",
-    "foil", "novel", "novel_x_best_marker_centred", "novel_x_best_marker_z", "novel_x_distance", "novel_x_neighbour_label_z",
-    "novel_x_marker_z_margin",
+    "marker_centred", "marker_z", "marker_z_unseen", "marker_log_coverage", "knn_log_vote", "reference_seen",
+    "unseen_log_count", "foil", "foil_log_count", "novel", "novel_x_best_marker_z", "novel_x_distance",
+    "novel_x_neighbour_label_z", "novel_x_marker_z_margin",
 )
 """Columns of the design matrix, one coefficient each (see :func:`design`)."""
 
@@ -55,29 +55,27 @@ class Evidence:
     raw_centred, z
         Marker fit ``[n, n_cand + n_foil]``: raw rank score minus the reference's mean over
         cells of other labels, and the z-score against the cell's own null.
-    gap
-        ``[n, n_cand]`` marker score standardised by the reference gap between a label's own
-        cells and others (0 for labels without own reference cells).
     knn
         ``[n, n_cand]`` neighbour-vote share of the label or any label above it.
     distance
         ``[n]`` robust z of the mean neighbour distance.
     log_expressed
         ``[n]`` log2(1 + number of the genes read that the cell expresses): how much evidence it can carry.
-    seen, own
-        ``[n_cand]`` whether reference cells carry the label or a label above it / the label itself.
+    seen
+        ``[n_cand]`` whether reference cells carry the label or a label above it.
+    coverage
+        ``[n_cand + n_foil]`` share of each label's positive markers among the genes read.
     n_foil
-        Number of foil columns at the end of ``raw_centred`` and ``z``.
+        Number of foil columns at the end of ``raw_centred``, ``z`` and ``coverage``.
     """
 
     raw_centred: np.ndarray
     z: np.ndarray
-    gap: np.ndarray
     knn: np.ndarray
     distance: np.ndarray
     log_expressed: np.ndarray
     seen: np.ndarray
-    own: np.ndarray
+    coverage: np.ndarray
     n_foil: int = 0
 
     @property
@@ -85,31 +83,39 @@ class Evidence:
         return self.knn.shape[1]
 
     def take(self, rows: np.ndarray) -> "Evidence":
-        return Evidence(self.raw_centred[rows], self.z[rows], self.gap[rows], self.knn[rows], self.distance[rows],
-                        self.log_expressed[rows], self.seen, self.own, self.n_foil)
+        return Evidence(self.raw_centred[rows], self.z[rows], self.knn[rows], self.distance[rows],
+                        self.log_expressed[rows], self.seen, self.coverage, self.n_foil)
 
 
 def design(ev: Evidence) -> np.ndarray:
-    """Design tensor ``[n, n_cand + n_foil + 1, len(FEATURES)]`` (last option: novel)."""
+    """Design tensor ``[n, n_cand + n_foil + 1, len(FEATURES)]`` (last option: novel).
+
+    Labels the reference does not see (and foils) have their own intercept, their own slope on
+    the marker z and a term in the log of how many of them there are, so that many unlikely
+    labels do not take mass from a likely one merely by being many.
+    """
     n, c, f = ev.knn.shape[0], ev.n_cand, ev.n_foil
     X = np.zeros((n, c + f + 1, len(FEATURES)), dtype=np.float32)
+    seen = ev.seen.astype(np.float32)
+    unseen = np.r_[1.0 - seen, np.zeros(f, dtype=np.float32)]
+    n_unseen = max(float(unseen.sum()), 1.0)
     X[:, : c + f, 0] = ev.raw_centred
     X[:, : c + f, 1] = ev.z
-    X[:, :c, 2] = ev.gap * ev.own[None, :]
-    seen = ev.seen.astype(np.float32)[None, :]
-    X[:, :c, 3] = np.log(ev.knn + EPS) * seen
-    X[:, :c, 4] = seen
-    X[:, :c, 5] = ev.distance[:, None] * seen
-    X[:, c : c + f, 6] = 1.0
-    X[:, -1, 7] = 1.0
-    X[:, -1, 8] = ev.raw_centred[:, :c].max(axis=1) if c else 0.0
-    X[:, -1, 9] = ev.z[:, :c].max(axis=1) if c else 0.0
-    X[:, -1, 10] = ev.distance
+    X[:, : c + f, 2] = ev.z * np.r_[1.0 - seen, np.ones(f, dtype=np.float32)][None, :]
+    X[:, : c + f, 3] = np.log(np.maximum(ev.coverage, 0.05))[None, :]
+    X[:, :c, 4] = np.log(ev.knn + EPS) * seen[None, :]
+    X[:, :c, 5] = seen
+    X[:, : c + f, 6] = unseen * np.log(n_unseen)
+    X[:, c : c + f, 7] = 1.0
+    X[:, c : c + f, 8] = np.log(max(f, 1))
+    X[:, -1, 9] = 1.0
     if c:
+        X[:, -1, 10] = ev.z[:, :c].max(axis=1)
+        X[:, -1, 11] = ev.distance
         rows = np.arange(n)
-        X[:, -1, 11] = ev.z[rows, np.where(ev.seen[None, :], ev.knn, -1.0).argmax(axis=1)]
+        X[:, -1, 12] = ev.z[rows, np.where(ev.seen[None, :], ev.knn, -1.0).argmax(axis=1)]
         top2 = np.partition(ev.z[:, :c], -2, axis=1)[:, -2:] if c > 1 else np.hstack([ev.z[:, :c], ev.z[:, :c]])
-        X[:, -1, 12] = top2.max(axis=1) - top2.min(axis=1)
+        X[:, -1, 13] = top2.max(axis=1) - top2.min(axis=1)
     return X
 
 
@@ -130,7 +136,8 @@ class FusionModel:
     def default(cls) -> "FusionModel":
         """Unfitted fallback: markers and neighbours weighted equally, novel unlikely (tests, atlases without held-out data)."""
         c = dict(zip(FEATURES, np.zeros(len(FEATURES))))
-        c.update(marker_centred=8.0, knn_log_vote=1.0, reference_seen=1.0, novel=-4.0)
+        c.update(marker_z=1.0, knn_log_vote=1.0, reference_seen=2.0, unseen_log_count=-1.0, foil=-2.0,
+                 foil_log_count=-1.0, novel=-4.0)
         return cls(np.array([c[k] for k in FEATURES], dtype=np.float64), {"fitted": False})
 
     @classmethod
@@ -152,7 +159,7 @@ class FusionModel:
     def marker_probabilities(self, ev: Evidence) -> np.ndarray:
         """``[n, n_cand]`` what the marker terms alone say (softmax over candidates)."""
         c = ev.n_cand
-        u = self.coef[0] * ev.raw_centred[:, :c] + self.coef[1] * ev.z[:, :c] + self.coef[2] * ev.gap * ev.own[None, :]
+        u = self.coef[0] * ev.raw_centred[:, :c] + self.coef[1] * ev.z[:, :c]
         return softmax(u)
 
 

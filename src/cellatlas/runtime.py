@@ -42,28 +42,16 @@ def depth_level_scores(ref: sp.csr_matrix, compiled) -> list[np.ndarray]:
     return [score_markers(rank_scores(thin(ref, 0.5**lv) if lv else ref), compiled, ranked=True) for lv in range(DEPTH_LEVELS)]
 
 
-def marker_standardisation(raw: np.ndarray, related: np.ndarray, own: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Centre and own-vs-other gap of every label's raw marker score on the reference.
+def marker_centre(raw: np.ndarray, related: np.ndarray) -> np.ndarray:
+    """Every label's mean raw marker score over reference cells of other types (0 = a typical other cell).
 
-    Parameters
-    ----------
-    raw
-        ``[n_ref, n_labels]`` raw scores of the reference cells.
-    related
-        ``[n_ref, n_labels]`` bool: the cell's reference label is on the label's lineage (the
-        label, above or below it); such cells are left out of the centre.
-    own
-        ``[n_ref, n_labels]`` bool: the cell carries exactly the label.
-
-    Returns the centre (mean over unrelated cells: 0 = a typical cell of another type) and the
-    gap to the mean of the label's own cells (NaN for labels without own cells).
+    ``raw`` is ``[n_ref, n_labels]``; ``related[i, j]`` marks reference cells whose label is on
+    label ``j``'s lineage (the label, above or below it), which are left out.
     """
     other = ~related
     n_other = other.sum(axis=0)
-    centre = np.where(n_other > 0, (raw * other).sum(axis=0) / np.maximum(n_other, 1), raw.mean(axis=0) if len(raw) else 0.0)
-    n_own = own.sum(axis=0)
-    gap = np.where(n_own > 0, (raw * own).sum(axis=0) / np.maximum(n_own, 1) - centre, np.nan)
-    return centre.astype(np.float32), gap.astype(np.float32)
+    mean_all = raw.mean(axis=0) if len(raw) else np.zeros(raw.shape[1])
+    return np.where(n_other > 0, (raw * other).sum(axis=0) / np.maximum(n_other, 1), mean_all).astype(np.float32)
 
 
 def core_genes(atlas: Atlas) -> list[str]:
@@ -198,19 +186,14 @@ class AtlasRuntime:
         ref = atlas.reference_counts()[:, np.array([ref_pos[g] for g in self.universe], dtype=np.int64)].tocsr()
         self._ref_universe = ref
         self.ref_depth = float(np.median(np.asarray(ref.sum(axis=1)).ravel()))
-        # Which reference cells are on each option's lineage (left out of its centre), and its own cells.
+        # Which reference cells are on each option's lineage (left out of its centre).
         option_nodes = [pos.get(o, -1) for o in self.candidates + self.foils]
         node_of_cell = self.ref_node[self.ref_codes]
         related = np.zeros((len(node_of_cell), len(option_nodes)), dtype=bool)
-        own = np.zeros_like(related)
         for j, nd in enumerate(option_nodes):
             if nd >= 0:
                 related[:, j] = h.above[node_of_cell, nd] | h.above[nd, node_of_cell]
-                own[:, j] = node_of_cell == nd
-        stats = [marker_standardisation(raw, related, own) for raw in depth_level_scores(ref, self.compiled)]
-        self.marker_centre = np.stack([c for c, _ in stats])  # [levels, options]
-        gap = np.stack([g for _, g in stats])[:, :n_cand]
-        self.marker_gap = np.where(np.isfinite(gap), np.maximum(gap, 0.02), 1.0).astype(np.float32)
+        self.marker_centre = np.stack([marker_centre(raw, related) for raw in depth_level_scores(ref, self.compiled)])  # [levels, options]
         self.ontology = np.array(
             [labels["ontology_id"].get(n, "") if isinstance(labels["ontology_id"].get(n, ""), str) else "" for n in h.nodes],
             dtype=object,
@@ -242,12 +225,11 @@ class AtlasRuntime:
         ev = fusion.Evidence(
             raw_centred=raw - self.marker_centre[level],
             z=marker_null_z(raw, ranks, self.compiled),
-            gap=(raw[:, :n_cand] - self.marker_centre[level, :n_cand]) / self.marker_gap[level],
             knn=vote @ self.knn_map,
             distance=np.nan_to_num(dz, nan=0.0),
             log_expressed=np.log2(1.0 + np.diff(ranks.indptr)).astype(np.float32),
             seen=self.seen,
-            own=self.own,
+            coverage=self.compiled.coverage.astype(np.float32),
             n_foil=len(self.foils),
         )
         return ev, emb, sim, idx, vote, ranks

@@ -31,6 +31,7 @@ from cellatlas.errors import InputError
 from cellatlas.query import prepare_query
 
 SOURCE_KINDS = ("cells", "profiles", "heldout")
+MIN_CELLS_PER_LABEL = 5
 NOVEL = "__novel__"
 """Truth label of held-out cells of a type outside every vocabulary (e.g. embryo stages)."""
 
@@ -196,3 +197,55 @@ def stack(parts: Sequence[Prepared]) -> tuple[sp.csr_matrix, list[str], np.ndarr
     labels = np.concatenate([p.labels for p in parts]) if parts else np.zeros(0, dtype=object)
     part = np.concatenate([np.full(len(p.labels), i) for i, p in enumerate(parts)]) if parts else np.zeros(0, int)
     return counts, genes, labels, part
+
+
+def measured_by_all(parts: Sequence[Prepared]) -> set[str]:
+    """Genes every part measured."""
+    return set.intersection(*(set(p.genes) for p in parts)) if parts else set()
+
+
+def _profiles_fill_gaps(prepared: list[Prepared]) -> None:
+    """Keep profile pseudo-cells only for labels no single-cell source of the same species has (in place).
+
+    Pseudo-cells drawn from a type's average are more "typical" than any real cell, so where
+    real cells of the type exist, pseudo-cells would take their place as every query's
+    nearest neighbours; they stand in for cells of their species that the build lacks.
+    """
+    def species(p: Prepared) -> str:
+        return str(p.report.get("species", "human"))
+
+    for p in prepared:
+        if p.kind == "profiles":
+            real = {lab for q in prepared if q.kind == "cells" and species(q) == species(p) for lab in q.labels.tolist()}
+            keep = ~np.isin(p.labels, list(real))
+            p.counts, p.labels, p.obs = p.counts[keep], p.labels[keep], p.obs.iloc[np.flatnonzero(keep)]
+
+
+def _check_labels(prepared: list[Prepared]) -> list[str]:
+    """Drop reference labels with too few cells (in place); returns the dropped labels."""
+    ref = [p for p in prepared if p.kind != "heldout"]
+    counts = pd.Series(np.concatenate([p.labels for p in ref]) if ref else []).value_counts()
+    small = set(counts[counts < MIN_CELLS_PER_LABEL].index) - {NOVEL}
+    for p in ref:
+        keep = ~np.isin(p.labels, list(small)) & (p.labels != NOVEL)
+        if not keep.all():
+            p.counts, p.labels, p.obs = p.counts[keep], p.labels[keep], p.obs.iloc[np.flatnonzero(keep)]
+    labels = {lab for p in ref for lab in p.labels.tolist()}
+    if sum(len(p.labels) for p in ref) < 10 or len(labels) < 2:
+        raise InputError("An atlas needs at least two labels with 5+ cells each.", fix="Check --label-key.", field="label_key")
+    return sorted(small)
+
+
+def prepare_sources(sources: Sequence[Source], seed: int = 0) -> tuple[list[Prepared], list[str], float]:
+    """Every source as counts over human symbols, ready to stack.
+
+    Profiles are drawn as pseudo-cells with the overdispersion of the real cells and kept only
+    where they fill a gap (:func:`_profiles_fill_gaps`); reference labels with too few cells are
+    dropped. Returns the prepared sources, the dropped labels and the pseudo-cell dispersion.
+    """
+    prepared = [prepare(s, seed=seed) if s.kind != "profiles" else None for s in sources]
+    dispersion = dispersion_of([p for p in prepared if p is not None])
+    prepared = [p if p is not None else prepare(s, seed=seed, dispersion=dispersion) for p, s in zip(prepared, sources)]
+    dropped = _check_labels(prepared)
+    _profiles_fill_gaps(prepared)
+    return [p for p in prepared if len(p.labels)], dropped, dispersion
