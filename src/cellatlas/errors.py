@@ -61,6 +61,12 @@ class GeneMismatchError(InputError):
     code = "gene_mismatch"
 
 
+class GeneListMismatchError(GeneMismatchError):
+    """The gene names do not belong to the matrix columns (shifted, reversed, shuffled or from another dataset)."""
+
+    code = "gene_list_mismatch"
+
+
 class UnknownAtlasError(CellAtlasError):
     status_code = 404
     code = "unknown_atlas"

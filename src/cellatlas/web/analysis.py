@@ -11,7 +11,7 @@ from typing import Any, Sequence
 import numpy as np
 import scipy.sparse as sp
 
-MITO_PREFIXES = ("MT-",)
+from cellatlas.io_qc import mito_mask  # one definition, shared with the engine's per-cell QC
 
 
 @dataclass
@@ -36,12 +36,6 @@ class QCFlags:
     qc_pass: np.ndarray
     reasons: np.ndarray
     summary: dict[str, Any]
-
-
-def mito_mask(genes: Sequence[str], symbols: Sequence[str | None] | None = None) -> np.ndarray:
-    """Boolean mask of mitochondrial genes (``MT-``/``mt-`` prefix on the symbol or the input name)."""
-    names = [str(s) if s else str(g) for g, s in zip(genes, symbols)] if symbols is not None else [str(g) for g in genes]
-    return np.array([n.upper().startswith(MITO_PREFIXES) for n in names], dtype=bool)
 
 
 def qc_flags(
