@@ -34,6 +34,7 @@ import hashlib
 import io
 import json
 import sys
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -97,23 +98,23 @@ def source_profile(adata, values: str) -> pd.DataFrame:
 def combine(profiles: dict[str, pd.DataFrame], rounds: int = 3) -> pd.DataFrame:
     """Median over sources after shifting each onto the consensus (see the module docstring)."""
     names = sorted(profiles)
-    consensus = profiles[names[0]]["log_mean"]
+    table = pd.concat([profiles[n]["log_mean"].rename(n) for n in names], axis=1).sort_index()
+    values = table.to_numpy(dtype=float)
+    consensus = values[:, 0]
     for _ in range(rounds):
-        aligned = []
-        for name in names:
-            s = profiles[name]["log_mean"]
-            shared = s.index.intersection(consensus.index)
-            a, b = s[shared], consensus[shared]
-            ok = (a > FLOOR) & (b > FLOOR)
-            aligned.append((s - float(np.median((a - b)[ok]))).rename(name))
-        table = pd.concat(aligned, axis=1)
-        consensus = table.median(axis=1)
-    det = pd.concat([profiles[n]["detection"].rename(n) for n in names], axis=1)
+        offsets = []
+        for j in range(len(names)):
+            ok = (values[:, j] > FLOOR) & (consensus > FLOOR)  # NaN compares False: genes both measure
+            offsets.append(float(np.median(values[ok, j] - consensus[ok])))
+        aligned = values - np.asarray(offsets)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN rows cannot occur: every gene has a source
+            consensus = np.nanmedian(aligned, axis=1)
+    det = pd.concat([profiles[n]["detection"].rename(n) for n in names], axis=1).reindex(table.index)
     detection = det.median(axis=1).where(det.notna().sum(axis=1) >= MIN_DETECTION_SOURCES)
-    out = pd.DataFrame({"log_mean": consensus, "detection": detection.reindex(consensus.index),
-                        "n_sources": table.notna().sum(axis=1)})
+    out = pd.DataFrame({"log_mean": consensus, "detection": detection, "n_sources": table.notna().sum(axis=1)}, index=table.index)
     out.index.name = "symbol"
-    return out.sort_index()
+    return out
 
 
 def build(shared: Path, exclude: tuple[str, ...] = ()) -> pd.DataFrame:

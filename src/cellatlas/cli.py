@@ -50,6 +50,17 @@ def _summary_table(res, title: str) -> Table:
     return t
 
 
+def _print_input_notes(res) -> None:
+    """The gene-list check's verdict when not plainly ok, and how many cells were left Unassigned and why."""
+    check = res.gene_report.get("gene_check") or {}
+    if check.get("verdict") in ("warning", "skipped", "unchecked"):
+        err.print(f"[yellow]gene list {check['verdict']}:[/] {check.get('message', '')}", soft_wrap=True, highlight=False)
+    un = res.provenance.get("unassigned") or {}
+    if un.get("n_cells"):
+        why = ", ".join(f"{n} {r}" for r, n in un["reasons"].items())
+        out.print(f"Unassigned: {un['n_cells']} of {len(res)} cells too empty to call ({why})", highlight=False)
+
+
 def _progress_runner(total_hint: str):
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
 
@@ -69,6 +80,12 @@ def annotate(
     use_raw: Optional[bool] = typer.Option(None, "--use-raw/--no-use-raw", help="Read adata.raw (default: decide from the data)."),
     species: Optional[str] = typer.Option(None, help="Force human or mouse (default: detected)."),
     cluster_vote: bool = typer.Option(False, help="Smooth calls by majority vote within over-clusters."),
+    skip_gene_check: bool = typer.Option(
+        False, "--skip-gene-check",
+        help="Do not check that the gene names belong to the matrix columns (targeted panels, sorted populations "
+        "without housekeeping genes); nothing then catches a shifted, reversed or foreign gene list.",
+    ),
+    doublets: bool = typer.Option(False, "--doublets", help="Add scrublet doublet scores (slow: about 3 ms a cell)."),
 ):
     """Annotate a dataset and print a summary table."""
     import cellatlas
@@ -79,12 +96,14 @@ def annotate(
         task = prog.add_task("annotating", total=adata.n_obs)
         res = cellatlas.annotate_adata(
             adata, layer=layer, use_raw=use_raw, model=model, atlas=atlas, model_path=model_path, species=species,
-            cluster_vote=cluster_vote, progress=lambda done, total: prog.update(task, completed=done),
+            cluster_vote=cluster_vote, skip_gene_check=skip_gene_check, doublets=doublets,
+            progress=lambda done, total: prog.update(task, completed=done),
         )
     out.print(_summary_table(res, f"{input.name}: {adata.n_obs} cells, {res.provenance['seconds']:.2f} s"))
     gr = res.gene_report
     out.print(f"genes: {gr.get('id_type')} ({gr.get('species')}), {gr.get('n_genes_used')}/{gr.get('n_genes_input')} used, "
               f"atlas panel coverage {gr.get('panel_coverage', float('nan')):.0%}")
+    _print_input_notes(res)
     if output:
         adata.write_h5ad(output, compression="gzip")
         out.print(f"wrote {output}")

@@ -193,6 +193,7 @@ class Client:
         chunk_size: int | None = None,
         cell_ids: Sequence[str] | None = None,
         return_embedding: bool = False,
+        skip_gene_check: bool = False,
         progress: bool | None = None,
     ) -> AnnotationResult:
         """Annotate any number of cells in chunks within the server's limits, order preserved.
@@ -211,6 +212,8 @@ class Client:
             Row identifiers for the result (default ``obs_names`` or ``0..n-1``).
         return_embedding
             Also fetch embeddings and layout (``obsm`` in :meth:`annotate_adata`).
+        skip_gene_check
+            Ask the server to skip its gene-list check (targeted panels; see ``cellatlas.annotate``).
         progress
             Progress bar (default: the client's setting, shown for > 1 chunk).
         """
@@ -220,6 +223,8 @@ class Client:
         params = {"format": "npz"} if self.transport == "binary" else {}
         if return_embedding:
             params["return_embedding"] = "true"
+        if skip_gene_check:
+            params["skip_gene_check"] = "true"
         for lo, hi, resp in self._chunked("/v1/singlecell/annotate", X, genes, model, atlas, chunk_size, params, progress):
             if "meta_json" in resp:  # columnar npz response
                 part, resp = decode_result(resp, cell_ids[lo:hi])

@@ -89,7 +89,9 @@ async def annotate(
 ) -> Response:
     """Zero-shot cell-type calls. Body: the articles' JSON, or npz/h5ad (see the request schemas).
 
-    Optional ``return_embedding=true`` (body field or query) adds ``embedding`` and ``layout``.
+    Optional ``return_embedding=true`` (body field or query) adds ``embedding`` and ``layout``;
+    ``skip_gene_check=true`` skips the gene-list check (a list that does not belong to the
+    matrix columns is otherwise a 422 ``gene_list_mismatch`` naming the likely cause).
     Send ``Idempotency-Key`` to make retries safe (same response, charged once).
     """
     fmt = _format(request, format, {"json": "application/json", "npz": NPZ}, "json")
@@ -98,7 +100,7 @@ async def annotate(
         request,
         principal,
         endpoint="annotate",
-        options={"return_embedding": False},
+        options={"return_embedding": False, "skip_gene_check": False},
         work=lambda parsed: _annotate_work(parsed, request.app.state.settings),
         render=lambda res, parsed, ch: render.annotate_body(res, parsed, ch, cpc, fmt),
         media_type=NPZ if fmt == "npz" else "application/json",
@@ -125,7 +127,7 @@ async def embed(
         request,
         principal,
         endpoint="embed",
-        options={"layout": True},
+        options={"layout": True, "skip_gene_check": False},
         work=lambda parsed: _embed_work(parsed, request.app.state.settings),
         render=lambda out, parsed, ch: render.embed_body(out, parsed, ch, cpc, fmt),
         media_type=NPZ if fmt == "npz" else "application/json",
@@ -183,7 +185,7 @@ async def query_markers(
         request,
         principal,
         endpoint="markers",
-        options={},
+        options={"skip_gene_check": False},
         work=lambda parsed: _markers_work(parsed, request.app.state.settings),
         render=lambda out, parsed, ch: render.query_markers(out[0], out[1], parsed, ch, cpc, fmt),
         media_type=TSV if fmt == "tsv" else "application/json",

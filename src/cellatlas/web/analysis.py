@@ -11,7 +11,7 @@ from typing import Any, Sequence
 import numpy as np
 import scipy.sparse as sp
 
-from cellatlas.io_qc import mito_mask  # one definition, shared with the engine's per-cell QC
+from cellatlas.io_qc import cell_qc, mito_mask  # one definition, shared with the engine's per-cell QC
 
 
 @dataclass
@@ -62,17 +62,13 @@ def qc_flags(
         ``summary["notes"]`` and no cell is flagged for it.
     """
     X = sp.csr_matrix(X) if not sp.issparse(X) else X.tocsr()
-    total = np.asarray(X.sum(axis=1)).ravel().astype(np.float64)
     mask = mito_mask(genes, symbols)
+    facts = cell_qc(X, mask)
+    total = facts.total_counts.astype(np.float64)
+    frac = facts.pct_mito.astype(np.float64) / 100.0
     notes: list[str] = []
-    if mask.any():
-        mito = np.asarray(X[:, np.flatnonzero(mask)].sum(axis=1)).ravel()
-        with np.errstate(divide="ignore", invalid="ignore"):
-            frac = np.where(total > 0, mito / np.where(total > 0, total, 1), 0.0)
-    else:
-        frac = np.full(X.shape[0], np.nan)
-        if max_mito_fraction is not None:
-            notes.append("No mitochondrial (MT-) genes in the data: the mitochondrial filter was not applied.")
+    if not mask.any() and max_mito_fraction is not None:
+        notes.append("No mitochondrial (MT-) genes in the data: the mitochondrial filter was not applied.")
     low = total < min_counts if min_counts is not None else np.zeros(X.shape[0], bool)
     high = (frac > max_mito_fraction) if (max_mito_fraction is not None and mask.any()) else np.zeros(X.shape[0], bool)
     reasons = np.array(

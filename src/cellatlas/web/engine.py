@@ -127,6 +127,7 @@ def dataset_facts(ds: Dataset, atlases: Sequence[dict[str, Any]], settings: Sett
     rep = ds.mapping_report
     n_cells, n_genes = ds.X.shape
     return {
+        "gene_check": gene_check(ds),
         "n_cells": int(n_cells),
         "n_genes": int(n_genes),
         "id_type": rep.get("id_type", "unknown"),
@@ -142,6 +143,19 @@ def dataset_facts(ds: Dataset, atlases: Sequence[dict[str, Any]], settings: Sett
         "mapping": rep,
         "coverage": cov,
     }
+
+
+def gene_check(ds: Dataset) -> dict[str, Any]:
+    """The engine's gene-list check (:func:`cellatlas.io_genecheck.check_gene_list`) on the upload, for the check page.
+
+    A run of the same file is refused when the verdict is ``error`` unless the user ticks
+    "Skip the gene-list check".
+    """
+    from cellatlas.io_genecheck import GeneCheck, check_gene_list
+
+    if ds.value_type == "scaled":  # refused at run time anyway, with its own message
+        return GeneCheck("unchecked", message="gene-list check not run: the values are scaled").report()
+    return check_gene_list(ds.X, ds.mapping.symbols, values=ds.value_type).report()
 
 
 def choices(settings: Settings) -> dict[str, Any]:
@@ -161,7 +175,9 @@ def choices(settings: Settings) -> dict[str, Any]:
     }
 
 
-def annotate_dataset(ds: Dataset, *, model: str, atlas: str, settings: Settings, progress: ProgressFn, n_steps: int = 5):
+def annotate_dataset(
+    ds: Dataset, *, model: str, atlas: str, settings: Settings, progress: ProgressFn, n_steps: int = 5, skip_gene_check: bool = False
+):
     """Annotate every cell with :func:`cellatlas.annotate`, reporting progress after each chunk.
 
     Chunks are at least :data:`MIN_PROGRESS_CHUNK` cells (smaller ones cost more than the
@@ -184,6 +200,7 @@ def annotate_dataset(ds: Dataset, *, model: str, atlas: str, settings: Settings,
         atlas=load_atlas(atlas, settings),
         cell_ids=ds.cell_ids,
         chunk_size=chunk,
+        skip_gene_check=skip_gene_check,
         progress=lambda done, total: progress(f"Annotated {done:,} of {total:,} cells", done / max(total, 1)),
     )
 

@@ -166,6 +166,7 @@ def build_run(session: Session, options: dict[str, Any], settings: Settings, pro
         atlas=options["atlas"],
         settings=settings,
         progress=lambda stage, frac: progress(stage, 0.08 + 0.8 * frac),
+        skip_gene_check=bool(options.get("skip_gene_check")),
     )
     timings["annotate"] = time.perf_counter() - t
 

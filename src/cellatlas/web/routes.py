@@ -53,6 +53,7 @@ class RunOptions(BaseModel):
     atlas: str | None = Field(None, description="Atlas name; the server's default when omitted.")
     min_counts: float | None = Field(None, ge=0, description="Flag cells with fewer total counts.")
     max_mito_fraction: float | None = Field(None, ge=0, le=1, description="Flag cells with a higher MT- fraction.")
+    skip_gene_check: bool = Field(False, description="Skip the check that the gene names belong to the matrix columns.")
 
 
 class RelabelRequest(BaseModel):

@@ -27,11 +27,16 @@ function renderResults(relabelOnly = false) {
     tile("Review", pct(s.bands.review / n), `${fmt(s.bands.review)} cells 0.4–0.7`, "tile-review"),
     tile("Low", pct(s.bands.low / n), `${fmt(s.bands.low)} cells < 0.4`, "tile-low"),
     tile("QC flagged", fmt(s.qc.n_flagged), s.qc.min_counts == null && s.qc.max_mito_fraction == null ? "no filters set" : "kept; qc_pass = false"),
+    tile("Unassigned", fmt(s.unassigned.n_cells), "too little information to call", "tile-unassigned"),
     tile("Relabelled", fmt(s.n_relabelled), "by you, kept in downloads"),
   ].join("");
   const notes = [...(s.qc.notes || []).map((t) => ["warn", t])];
   if (s.n_novel) notes.push(["warn", `${fmt(s.n_novel)} cells look unlike anything in the atlas (marked novel); their labels are the nearest match.`]);
   for (const w of r.gene_report?.warnings || []) notes.push(["warn", typeof w === "string" ? w : w.message]);
+  const gc = r.gene_report?.gene_check;
+  if (gc && (gc.verdict === "warning" || gc.verdict === "skipped")) notes.push(["warn", `Gene list: ${gc.message}`]);
+  const un = s.unassigned;
+  if (un.n_cells) notes.push(["warn", `${fmt(un.n_cells)} cells are Unassigned: ${Object.entries(un.reasons).map(([why, k]) => `${fmt(k)} ${why}`).join("; ")}.`]);
   $("#results-notes").innerHTML = notes.map(([k, t]) => `<div class="alert alert-${k}">${esc(t)}</div>`).join("");
   drawMapNow();
   if (!relabelOnly) drawHistogram($("#plot-hist"), r.histogram); // relabels never change confidence
