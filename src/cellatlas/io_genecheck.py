@@ -108,12 +108,20 @@ def column_log_means(X: sp.csr_matrix) -> tuple[np.ndarray, int]:
     return np.log10(mean * 1e4 + 0.01), int(keep.sum())
 
 
+def _prior_arrays(prior: dict[str, tuple[float, float]], symbols: Sequence[str | None]) -> tuple[np.ndarray, np.ndarray]:
+    """Per column: the prior ``log_mean`` (NaN unknown) and whether the gene is ubiquitous."""
+    rows = [prior.get(s) if s is not None else None for s in symbols]
+    log_mean = np.array([r[0] if r else np.nan for r in rows], dtype=float)
+    ubiquitous = np.array([bool(r) and r[1] >= UBIQUITOUS_DETECTION for r in rows], dtype=bool)
+    return log_mean, ubiquitous
+
+
 @lru_cache(maxsize=32)
-def _prior_values(symbols: tuple[str | None, ...]) -> np.ndarray:
-    """Packaged prior ``log_mean`` per column (NaN unknown); cached, as chunked requests repeat gene lists."""
-    prior = load_expression_prior()
-    out = np.array([prior[s][0] if s in prior else np.nan for s in symbols], dtype=float)
-    out.flags.writeable = False
+def _packaged_arrays(symbols: tuple[str | None, ...]) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`_prior_arrays` of the packaged prior, cached: chunked requests repeat gene lists."""
+    out = _prior_arrays(load_expression_prior(), symbols)
+    for a in out:
+        a.flags.writeable = False
     return out
 
 
@@ -224,11 +232,7 @@ def check_gene_list(
     GeneCheck
         Verdict, cause, message and fix, and the statistics behind them.
     """
-    if prior is None:
-        prior = load_expression_prior()
-        p = _prior_values(tuple(symbols))
-    else:
-        p = np.array([prior[s][0] if s in prior else np.nan for s in symbols], dtype=float)
+    p, ubiq = _packaged_arrays(tuple(symbols)) if prior is None else _prior_arrays(prior, symbols)
     sample = sample_rows(X, SAMPLE_CELLS)
     if values != "counts":
         sample = to_counts_like(sample, values)
@@ -245,7 +249,6 @@ def check_gene_list(
     rho = scan.pop(0)
     alt = max((k for k in scan if scan[k] == scan[k]), key=lambda k: scan[k], default=None)
     rho_alt = scan[alt] if alt is not None else float("nan")
-    ubiq = np.array([s in prior and prior[s][1] >= UBIQUITOUS_DETECTION for s in symbols])
     pct = float(np.median(rq[ubiq]) / len(rq) * 100) if ubiq.sum() >= 5 else None
     stats = dict(rho=rho, alternative=None if alt is None else (alt if alt == "reversed" else f"shift:{alt:+d}"),
                  rho_alternative=rho_alt, ubiquitous_percentile=pct, **base)

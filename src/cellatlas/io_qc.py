@@ -21,6 +21,7 @@ two cores, scored in blocks of :data:`DOUBLET_BLOCK` cells.
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -131,8 +132,11 @@ def doublet_scores(X: sp.csr_matrix, *, seed: int = 0, block: int = DOUBLET_BLOC
             continue
         sub = ad.AnnData(sp.csr_matrix(X[a:b], dtype=np.float32))
         try:
-            # threshold given: scanpy would otherwise need scikit-image to pick one; only the score is kept.
-            sc.pp.scrublet(sub, random_state=seed, threshold=0.25, use_approx_neighbors=False, verbose=False)
+            # threshold given: scanpy would otherwise need scikit-image to pick one; only the score is kept
+            # (its doublet-rate summary divides by zero when nothing passes the threshold: not used here).
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", RuntimeWarning)
+                sc.pp.scrublet(sub, random_state=seed, threshold=0.25, use_approx_neighbors=False, verbose=False)
         except Exception as e:  # scrublet fails on degenerate blocks (e.g. too few genes for its PCA)
             notes.append(f"cells {a}-{b - 1}: scrublet failed ({type(e).__name__}: {e})")
             continue

@@ -171,3 +171,14 @@ def test_progress_bar_for_multiple_chunks(server, cells, capsys):
     c, _ = _client(server)
     c.annotate_large(X, genes, chunk_size=40, progress=True)
     assert "annotating" in capsys.readouterr().err
+
+
+def test_gene_list_mismatch_is_raised_typed_and_skippable(server, cells):
+    from cellatlas.errors import GeneListMismatchError
+
+    X, genes, _ref = cells
+    c, _ = _client(server)
+    with pytest.raises(GeneListMismatchError, match="shifted by 2 columns"):
+        c.annotate(X, list(np.roll(genes, 2)))
+    res = c.annotate(X, list(np.roll(genes, 2)), skip_gene_check=True)
+    assert len(res) == N and res.gene_report["gene_check"]["verdict"] == "skipped"

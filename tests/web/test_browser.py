@@ -218,6 +218,45 @@ def test_wrong_gene_names_are_reported_not_guessed(page, local_server, datasets)
     assert page.is_visible("#view-check") and page.is_hidden("#view-results")
 
 
+def test_shifted_gene_list_shown_on_check_page_refused_then_skippable(page, local_server, tmp_path, shot):
+    """Issue 12: a gene list shifted by one column is named before the run and refused; skipping the check
+    runs it, and all-zero cells come back Unassigned (a results tile and a note say how many and why)."""
+    import scipy.sparse as sp
+
+    from tests.web.conftest import atlas_cells
+
+    a = atlas_cells(200)
+    a = ad.concat([a, ad.AnnData(sp.csr_matrix((10, a.n_vars), dtype=np.float32), var=a.var)], index_unique=None)
+    a.obs_names = [f"c{i}" for i in range(a.n_obs)]
+    a.var_names = list(np.roll(np.asarray(a.var_names), 1))
+    path = tmp_path / "shifted_genes.h5ad"
+    a.write_h5ad(path)
+    url = local_server.url
+    open_workspace(page, url)
+    upload(page, path)
+    page.wait_for_selector("#view-check:not([hidden])")
+    box = page.inner_text("#gene-check")
+    assert "shifted by 1 column" in box and "the run would be refused" in box and "How to fix" in box
+    sid = page.evaluate("sessionStorage.getItem('cellatlas.session')")
+    gc = api(url, f"/sessions/{sid}").json()["facts"]["gene_check"]
+    assert gc["verdict"] == "error" and gc["shift"] == 1
+    shot(page, "gene-check")
+    page.click("#run-btn")
+    page.wait_for_selector("#run-error:not([hidden])")
+    assert "shifted by 1 column" in page.inner_text("#run-error")
+    assert page.is_hidden("#view-results")
+    page.check("#skip-gene-check")
+    page.click("#run-btn")
+    wait_results(page)
+    tiles = page.inner_text("#summary-tiles")
+    assert "UNASSIGNED" in tiles.upper() and "10" in tiles
+    notes = page.inner_text("#results-notes")
+    assert "10 cells are Unassigned" in notes and "all-zero" in notes and "check skipped" in notes
+    shot(page, "unassigned")
+    res = api(url, f"/sessions/{sid}/results").json()
+    assert res["summary"]["unassigned"]["n_cells"] == 10 and res["gene_report"]["gene_check"]["verdict"] == "skipped"
+
+
 def test_bad_files_get_clear_messages(page, local_server, datasets, tmp_path, shot):
     open_workspace(page, local_server.url)
     upload(page, datasets.corrupt_h5ad)
