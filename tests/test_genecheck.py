@@ -18,6 +18,7 @@ from cellatlas.atlas import load_atlas
 from cellatlas.errors import GeneListMismatchError, GeneMismatchError, InputError
 from cellatlas.genes import map_genes
 from cellatlas.io_genecheck import ALT_MARGIN, RHO_ERROR, RHO_OK, check_gene_list, column_log_means
+from benchmarks.input_checks import VARIANTS, corrupt
 from cellatlas.query import prepare_query
 from tests.conftest import SHARED, shared_file
 
@@ -133,7 +134,6 @@ def test_lognormalised_input_unseen_by_the_prior(pbmc68k):
 
 
 # ---------------------------------------------------------------------------- shared data
-VARIANTS = ("given", "shift+1", "shift-1", "shift+2", "shift+5", "shift+50", "reversed", "shuffled", "other")
 
 
 @pytest.fixture(scope="module")
@@ -156,18 +156,9 @@ def corpus():
 
 def _variant_symbols(q, genes, variant, others):
     """Mapped symbols of the variant's gene list (shift/reverse/shuffle permute the mapping of the list as given)."""
-    sym = np.asarray(q.mapping.symbols, dtype=object)
-    if variant == "given":
-        return list(sym)
-    if variant.startswith("shift"):
-        return list(np.roll(sym, int(variant[5:])))
-    if variant == "reversed":
-        return list(sym[::-1])
-    if variant == "shuffled":
-        return list(sym[np.random.default_rng(0).permutation(len(sym))])
-    donor = next(o for o in others if len(o) >= len(genes))  # another dataset's genes, in its own order
-    keep = np.sort(np.random.default_rng(0).choice(len(donor), len(genes), replace=False))
-    return map_genes([donor[i] for i in keep]).symbols
+    if variant == "other":
+        return map_genes(corrupt(genes, variant, others)).symbols
+    return corrupt(list(q.mapping.symbols), variant, others)
 
 
 def _matrix(items, prior=None, only=None):
