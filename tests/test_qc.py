@@ -131,3 +131,12 @@ def test_doublet_scores_are_optional(shallow):
     assert np.isfinite(scores).all() and (scores >= 0).all() and note is None
     few, note = doublet_scores(X[:20])
     assert np.isnan(few).all() and "fewer than" in note
+
+
+def test_cell_qc_sums_duplicate_entries_without_touching_the_input():
+    data, indices, indptr = np.array([1.0, 2.0, 3.0, 4.0], np.float32), np.array([2, 0, 2, 1]), np.array([0, 3, 3, 4])
+    X = sp.csr_matrix((data.copy(), indices.copy(), indptr.copy()), shape=(3, 3))  # row 0: column 2 twice
+    qc = cell_qc(X, np.zeros(3, bool))
+    assert qc.n_genes.tolist() == [2, 0, 1] and qc.total_counts.tolist() == [6, 0, 4]
+    np.testing.assert_array_equal(X.data, data)
+    np.testing.assert_array_equal(X.indices, indices)

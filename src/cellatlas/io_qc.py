@@ -66,20 +66,33 @@ def cell_qc(X: sp.csr_matrix, mito: np.ndarray) -> CellQC:
     Parameters
     ----------
     X
-        Cells x input columns (count-like values, canonical or not: duplicates summed by scipy).
+        Cells x input columns (count-like values; duplicate entries are summed on a copy, the
+        input is never modified).
     mito
         Boolean mask of the mitochondrial columns (:func:`mito_mask`).
     """
-    X = sp.csr_matrix(X)
-    X.sum_duplicates()
+    X = sp.csr_matrix(X)  # may share the caller's arrays: never modified in place
+    if not _sorted_unique(X):
+        X = X.copy()
+        X.sum_duplicates()
     total = np.asarray(X.sum(axis=1), dtype=np.float64).ravel()
-    n_genes = np.diff((X != 0).tocsr().indptr).astype(np.int32)
+    seen = np.concatenate(([0], np.cumsum(X.data != 0)))
+    n_genes = (seen[X.indptr[1:]] - seen[X.indptr[:-1]]).astype(np.int32)
     if mito.any():
         mt = np.asarray(X @ mito.astype(np.float32), dtype=np.float64).ravel()
         pct = np.where(total > 0, 100.0 * mt / np.where(total > 0, total, 1.0), 0.0)
     else:
         pct = np.full(X.shape[0], np.nan)
     return CellQC(total.astype(np.float32), n_genes, pct.astype(np.float32))
+
+
+def _sorted_unique(X: sp.csr_matrix) -> bool:
+    """Whether every row's column indices strictly increase (no duplicate entries), in one pass."""
+    step = np.diff(X.indices.astype(np.int64))
+    starts = X.indptr[1:-1]
+    ok = step > 0
+    ok[starts[(starts > 0) & (starts < len(X.indices))] - 1] = True  # a new row may start lower
+    return bool(ok.all())
 
 
 def unassigned_reasons(qc: CellQC, atlas_counts: np.ndarray, *, values: str = "counts") -> np.ndarray:
