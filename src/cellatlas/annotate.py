@@ -246,7 +246,7 @@ def annotate(
         panels or sorted populations without housekeeping genes; see
         :func:`cellatlas.io_genecheck.check_gene_list`).
     doublets
-        Add scrublet doublet scores (``doublet_score``; about 3 ms a cell, off by default).
+        Add scrublet doublet scores (``doublet_score``; 3-6 ms a cell, off by default).
     progress
         Callback ``(done, total)`` after every chunk.
 

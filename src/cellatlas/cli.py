@@ -85,7 +85,7 @@ def annotate(
         help="Do not check that the gene names belong to the matrix columns (targeted panels, sorted populations "
         "without housekeeping genes); nothing then catches a shifted, reversed or foreign gene list.",
     ),
-    doublets: bool = typer.Option(False, "--doublets", help="Add scrublet doublet scores (slow: about 3 ms a cell)."),
+    doublets: bool = typer.Option(False, "--doublets", help="Add scrublet doublet scores (slow: 3-6 ms a cell)."),
 ):
     """Annotate a dataset and print a summary table."""
     import cellatlas

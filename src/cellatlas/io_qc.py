@@ -15,7 +15,7 @@ log-normalised or TPM-like input the total is not a count, so only the gene and 
 rules apply there.
 
 :func:`doublet_scores` is scanpy's scrublet, optional (``annotate(..., doublets=True)``)
-because it simulates doublets and searches exact neighbours: about 3 ms a cell on
+because it simulates doublets and searches exact neighbours: 3-6 ms a cell on
 two cores, scored in blocks of :data:`DOUBLET_BLOCK` cells.
 """
 
