@@ -134,7 +134,7 @@ def test_full_flow_local_mode(page, local_server, datasets, shot, tmp_path):
     for col in ("cell_type", "cell_type_confidence", "cell_type_band", "cell_type_alternates", "cell_type_markers",
                 "cell_type_original", "cell_type_relabelled", "qc_pass", "qc_total_counts", "qc_mito_fraction"):
         assert col in out.obs.columns, col
-    assert "X_cellatlas_umap" in out.obsm
+    assert "X_cellatlas_projection" in out.obsm
     # the uploaded obs["cell_type"] (the authors' labels) is kept, not overwritten by the calls
     uploaded = ad.read_h5ad(datasets.cells_h5ad).obs["cell_type"]
     assert list(out.obs["cell_type_uploaded"].astype(str)) == list(uploaded.astype(str))
