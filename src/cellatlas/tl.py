@@ -86,7 +86,7 @@ def find_groupings(obs: pd.DataFrame, exclude: Sequence[str] = (), max_groups: i
     return out
 
 
-def _group_order(values: pd.Series) -> list[str]:
+def group_order(values: pd.Series) -> list[str]:
     """Categories in their own order; whole numbers numerically; other text by size."""
     s = values.dropna()
     if isinstance(s.dtype, pd.CategoricalDtype):
@@ -100,7 +100,7 @@ def _group_order(values: pd.Series) -> list[str]:
     return sorted(uniq, key=lambda u: (-counts[u], u))
 
 
-def _call_order(calls: pd.Series) -> list[str]:
+def call_order(calls: pd.Series) -> list[str]:
     """Calls by number of cells, ``Unassigned`` last."""
     counts = calls.astype(str).value_counts()
     return sorted(counts.index, key=lambda lab: (lab == UNASSIGNED, -counts[lab], lab))
@@ -117,7 +117,7 @@ def crosstab(reference: Sequence[Any], calls: Sequence[Any], *, normalize: bool 
     call = pd.Series(np.asarray(calls, dtype=object)).astype(str)
     keep = ref.notna().to_numpy()
     ref, call = ref[keep].reset_index(drop=True), call[keep].reset_index(drop=True)
-    rows, cols = _group_order(ref), _call_order(call)
+    rows, cols = group_order(ref), call_order(call)
     ct = pd.crosstab(ref.astype(str), call).reindex(index=rows, columns=cols, fill_value=0)
     ct.index.name, ct.columns.name = "reference", "cellatlas"
     if normalize:
@@ -321,7 +321,7 @@ def marker_expression(adata, key: str | None = None, n_genes: int = 3, atlas=Non
         if s and s not in col_of:
             col_of[s] = j
     calls = adata.obs[key].astype(str)
-    order = _call_order(calls)
+    order = call_order(calls)
     pairs = defining_markers(order, at.marker_sets, col_of, per_label=n_genes)
     cols = [col_of[g] for _, g in pairs]
     shown = [g if mapping.species == "human" else display_name(genes[col_of[g]], mapping.species) for _, g in pairs]
