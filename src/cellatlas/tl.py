@@ -172,7 +172,7 @@ def cluster_summary(adata, groupby: str, key: str | None = None) -> pd.DataFrame
 
 
 # ------------------------------------------------------------------ maps of the user's cells
-def embedding_umap(embedding: np.ndarray, *, n_neighbors: int = 15, random_state: int = 0) -> np.ndarray:
+def embedding_umap(embedding: np.ndarray, *, n_neighbors: int = 15, random_state: int = 0, n_epochs: int = 200) -> np.ndarray:
     """2-D UMAP coordinates ``[n, 2]`` of cells from their embedding (scanpy neighbours + UMAP).
 
     Neighbours are exact (scikit-learn), so results do not depend on an approximate index.
@@ -187,8 +187,10 @@ def embedding_umap(embedding: np.ndarray, *, n_neighbors: int = 15, random_state
     a = ad.AnnData(obs=pd.DataFrame(index=pd.RangeIndex(n).astype(str)))
     a.obsm["X_rep"] = emb
     sc.pp.neighbors(a, use_rep="X_rep", n_neighbors=max(2, min(n_neighbors, n - 1)), random_state=random_state, transformer="sklearn")
-    # spectral initialisation needs a connected graph of some size; tiny inputs start at random
-    sc.tl.umap(a, random_state=random_state, init_pos="spectral" if n > 50 else "random")
+    # spectral initialisation needs a connected graph of some size; tiny inputs start at random.
+    # 200 epochs (umap-learn's own choice above 10,000 cells; it uses 500 below) keep a
+    # 10,000-cell map about 2.5x faster for a picture that is as readable.
+    sc.tl.umap(a, random_state=random_state, init_pos="spectral" if n > 50 else "random", maxiter=n_epochs)
     return np.asarray(a.obsm["X_umap"], dtype=np.float32)
 
 

@@ -65,6 +65,8 @@ def _compute(session: Session, embedding: np.ndarray, started: Any) -> None:
     else:
         state = {"state": "done", "source": "computed", "seconds": round(time.perf_counter() - t, 2)}
     with session.lock:
+        if not (session.dir / "meta.json").exists():
+            return  # the session was deleted meanwhile
         session.reload_meta()
         if session.meta.get("status", {}).get("started") != started:
             return  # a newer run replaced the one this map was for
