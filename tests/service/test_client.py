@@ -94,9 +94,11 @@ def test_annotate_large_chunks_in_order(server, cells):
 def test_annotate_adata_writes_the_in_process_columns(server, pbmc):
     local = pbmc[:N].copy()
     remote = pbmc[:N].copy()
-    cellatlas.annotate_adata(local)
+    with pytest.warns(UserWarning, match="cell_type_uploaded"):  # pbmc carries the authors' cell_type
+        cellatlas.annotate_adata(local)
     c, _ = _client(server)
-    res = c.annotate_adata(remote, progress=False)
+    with pytest.warns(UserWarning, match="cell_type_uploaded"):
+        res = c.annotate_adata(remote, progress=False)
     assert len(res) == N
     assert list(remote.obs.columns) == list(local.obs.columns)
     assert set(remote.obsm) == set(local.obsm) and set(remote.uns["cellatlas"]) == set(local.uns["cellatlas"])

@@ -24,7 +24,9 @@ def upload(page, path) -> None:
 
 def wait_results(page) -> None:
     page.wait_for_selector("#view-results:not([hidden])", timeout=60_000)
-    page.wait_for_function(f"({PLOT_DATA})('plot-map') > 0")
+    # the map of the user's cells follows the calls: a UMAP computed in the background, whose first
+    # run in a server process compiles numba code (20-40 s on a loaded 2-core machine)
+    page.wait_for_function(f"({PLOT_DATA})('plot-map') > 0", timeout=120_000)
     page.wait_for_selector("#review-list .review-item[data-index], #review-list .review-empty")
 
 

@@ -127,7 +127,7 @@ export function drawMap(el, res, opts) {
       ? { itemsizing: "constant", font: { size: 11 }, orientation: "h", x: 0, y: -0.02, yanchor: "top" }
       : { itemsizing: "constant", font: { size: 11 }, x: 1, xanchor: "left", y: 1, yanchor: "top" },
     margin: { l: 10, r: 10, t: 36, b: 10 },
-    dragmode: opts.dragmode || "zoom", uirevision: "map", hovermode: "closest",
+    dragmode: opts.dragmode || "zoom", uirevision: `map-${user ? "user" : "atlas"}`, hovermode: "closest",
     coloraxis: {
       cmin: 0, cmax: 1, colorscale: CONF_SCALE.map(([x, c]) => [x, `rgb(${c.join(",")})`]),
       colorbar: { title: { text: "confidence" }, tickvals: [0, 0.4, 0.7, 1], thickness: 12, len: 0.6 },
