@@ -304,3 +304,30 @@ def test_review_queue_offers_no_zero_score_alternates(client, finished):
     page = client.get(f"{API}/sessions/{sid}/review", params={"band": "all", "limit": 200}).json()
     alts = [a for c in page["cells"] for a in c["alternates"]]
     assert alts and all(a["score"] >= 0.005 for a in alts)
+
+
+def test_mouse_upload_shows_mouse_gene_names(client, tmp_path):
+    """Mouse genes are shown as MGI writes them, also where the file upper-cases them."""
+    import os
+    from pathlib import Path
+
+    shared = Path(os.environ.get("CELLATLAS_SHARED_DATA", Path(__file__).resolve().parents[3] / "shared" / "data"))
+    path = shared / "datasets" / "mouse_pancreas_baron2016_mouse1_indrop.h5ad"
+    if not path.exists():
+        pytest.skip(f"{path} not available")
+    mouse = ad.read_h5ad(path)[:200].copy()
+    mouse.var_names = [g.upper() for g in mouse.var_names]  # as some files ship them ('0610007P14RIK')
+    mouse.var_names_make_unique()
+    mouse.write_h5ad(tmp_path / "mouse.h5ad")
+    r = client.post(f"{API}/sessions", params={"filename": "mouse.h5ad"}, content=(tmp_path / "mouse.h5ad").read_bytes())
+    assert r.status_code == 201, r.text
+    facts = r.json()["facts"]
+    assert facts["species"] == "mouse" and facts["example_genes"][0] == "0610007P14Rik"
+    assert any("as MGI writes them" in n for n in facts["read_notes"])
+    sid = r.json()["session"]
+    client.post(f"{API}/sessions/{sid}/run", json={})
+    assert _wait(client, sid)["state"] == "done"
+    dp = client.get(f"{API}/sessions/{sid}/results").json()["dotplot"]
+    assert dp["genes"] and all(g != g.upper() for g in dp["genes"] if any(c.isalpha() for c in g))  # 'Ins1', not 'INS'
+    cell = client.get(f"{API}/sessions/{sid}/cells/0").json()
+    assert cell["markers"] and all(m != m.upper() for m in cell["markers"])

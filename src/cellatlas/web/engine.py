@@ -205,6 +205,15 @@ def gene_display_name(ds: Dataset, col: int) -> str:
     return ds.mapping.symbols[col] or ds.genes[col]
 
 
+def marker_display_names(ds: Dataset, marker_sets: dict[str, Any], col_of: dict[str, int]) -> dict[str, str]:
+    """For mouse data, how each atlas marker (a human symbol) is shown: the dataset's own gene
+    name in MGI case (``INS`` -> ``Ins1``); empty for human data, where the symbol is the name."""
+    if ds.mapping_report.get("species") != "mouse":
+        return {}
+    genes = {g for entry in marker_sets.values() for g in entry.get("positive", [])}
+    return {g: gene_display_name(ds, col_of[g]) for g in sorted(genes) if g in col_of}
+
+
 def upload_groupings(ds: Dataset) -> dict[str, dict[str, Any]]:
     """Label or cluster columns of the upload's ``obs`` to compare the calls with.
 

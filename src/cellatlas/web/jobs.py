@@ -194,7 +194,7 @@ def build_run(session: Session, options: dict[str, Any], settings: Settings, pro
         "options": dict(options),
         "expr": expr,
         "expr_genes": expr_genes,
-        "expr_names": {g: engine.gene_display_name(ds, col_of[g]) for g in expr_genes},
+        "gene_names": engine.marker_display_names(ds, marker_sets, col_of),
         "expr_scale": expr_scale,
         "groupings": engine.upload_groupings(ds),
         "user_map": usermap.uploaded(ds.adata, len(res)),

@@ -135,7 +135,7 @@ def marker_dotplot(run: dict[str, Any], labels: np.ndarray, order: Sequence[str]
         return {"labels": rows, "genes": [], "gene_label": [], "fraction": [], "mean": [], "scale": run.get("expr_scale")}
     cols = [genes.index(g) for _, g in pairs]
     frac, mean = dotplot_stats(expr[:, cols].tocsr(), labels.astype(str), rows)
-    names = run.get("expr_names", {})
+    names = run.get("gene_names", {})
     return {
         "labels": rows,
         "genes": [names.get(g, g) for _, g in pairs],
@@ -237,7 +237,7 @@ def cell_detail(run: dict[str, Any], relabels: dict[int, str], i: int) -> dict[s
         "ontology_id": str(res.ontology_id[i]),
         # an alternate the evidence gives no weight (0.00 shown) is no one-click relabel
         "alternates": [{"label": str(lab), "score": round(float(s), 4)} for lab, s in res.alternates[i] if round(float(s), 2) > 0],
-        "markers": list(res.markers[i])[:8],
+        "markers": [run.get("gene_names", {}).get(g, g) for g in list(res.markers[i])[:8]],  # mouse: the data's own names
         "novel": bool(res.novel[i]),
         "evidence": {
             "knn_label": str(res.knn_label[i]),
