@@ -272,11 +272,41 @@ def annotate(
     )
 
 
-def annotate_adata(adata, *, key: str = "cell_type", layer: str | None = None, use_raw: bool | None = None, **kwargs: Any) -> AnnotationResult:
-    """Annotate an AnnData in place: ``obs[key]``, ``obs[key + '_confidence']``, ... (see ``AnnotationResult.write_adata``)."""
-    res = annotate(adata, layer=layer, use_raw=use_raw, **kwargs)
-    res.write_adata(adata, key=key)
-    return res
+def annotate_adata(
+    adata,
+    *,
+    key_added: str = "cell_type",
+    copy: bool = False,
+    layer: str | None = None,
+    use_raw: bool | None = None,
+    **kwargs: Any,
+):
+    """Annotate an AnnData: ``obs[key_added]``, ``obs[key_added + "_confidence"]``, ``_band``, ...
+
+    Parameters
+    ----------
+    adata
+        Cells x genes; counts from ``X``, ``layer`` or ``.raw`` (see :func:`annotate`).
+    key_added
+        Name of the label column and prefix of the others (default ``"cell_type"``, the
+        articles' name). An existing column of one of these names that cellatlas did not
+        write (e.g. the authors' ``cell_type``) is moved to ``<name>_uploaded`` with a
+        warning, never overwritten (:mod:`cellatlas.adata_out`).
+    copy
+        Annotate and return a copy, leaving ``adata`` untouched (as in scanpy).
+    **kwargs
+        Passed to :func:`annotate` (``model``, ``atlas``, ``species``, ...).
+
+    Returns
+    -------
+    AnnotationResult or AnnData
+        The result (in place), or the annotated copy when ``copy=True``. Also written:
+        ``obsm["X_cellatlas"]`` (embedding), ``obsm["X_cellatlas_projection"]`` (placement
+        on the atlas layout), ``uns["cellatlas"]``; ``cellatlas.pl`` draws from these.
+    """
+    from cellatlas.adata_out import annotate_into
+
+    return annotate_into(adata, lambda a: annotate(a, layer=layer, use_raw=use_raw, **kwargs), key_added=key_added, copy=copy)
 
 
 def embed(

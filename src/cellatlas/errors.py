@@ -47,6 +47,9 @@ class CellAtlasError(Exception):
         """Message and fix on one line, for the CLI."""
         return f"{self.message}" + (f" Fix: {self.fix}" if self.fix else "")
 
+    def __str__(self) -> str:  # tracebacks (and the HTTP client's errors) show the fix too
+        return self.one_line()
+
 
 class InputError(CellAtlasError):
     """The matrix, gene list or options are malformed."""

@@ -65,7 +65,7 @@ def band_of(confidence: np.ndarray) -> np.ndarray:
     return np.where(c >= CONFIDENT, "confident", np.where(c >= REVIEW, "review", "low")).astype(object)
 
 
-@dataclass
+@dataclass(repr=False)
 class AnnotationResult:
     """Per-cell calls, in input order.
 
@@ -114,7 +114,8 @@ class AnnotationResult:
         Why the cell is ``"Unassigned"`` (too few counts or genes, nothing in the genes the
         atlas reads; see :mod:`cellatlas.io_qc`); ``""`` for called cells.
     embedding, layout
-        Query embedding ``[n, d]`` and 2-D coordinates on the atlas layout ``[n, 2]``.
+        Query embedding ``[n, d]`` and the cells' 2-D placement on the atlas's reference
+        layout ``[n, 2]`` (a projection, not a UMAP of the query; see ``cellatlas.pl``).
     gene_report
         Dict describing id detection, mapping and coverage.
     provenance
@@ -170,6 +171,20 @@ class AnnotationResult:
     def __len__(self) -> int:
         return len(self.label)
 
+    def __repr__(self) -> str:
+        """A few lines (the per-cell arrays are for ``to_dataframe()``, not for printing)."""
+        n, prov = len(self), self.provenance or {}
+        labels, counts = np.unique(np.asarray(self.label, dtype=str), return_counts=True)
+        top = ", ".join(f"{labels[i]} {counts[i]:,}" for i in np.argsort(-counts, kind="stable")[:5])
+        bands = self.band
+        shares = ", ".join(f"{b} {np.mean(bands == b):.0%}" for b in ("confident", "review", "low")) if n else "-"
+        more = f" (+{len(labels) - 5} more)" if len(labels) > 5 else ""
+        return (
+            f"AnnotationResult: {n:,} cells, {len(labels)} labels; model {prov.get('model', '?')}, "
+            f"atlas {prov.get('atlas', '?')}\n  bands: {shares}; novel {int(np.sum(self.novel)):,}\n"
+            f"  labels: {top}{more}\n  per cell: .to_dataframe(); per label: .summary()"
+        )
+
     # ------------------------------------------------------------------ views
     def to_dataframe(self) -> pd.DataFrame:
         """One row per cell, indexed by cell id."""
@@ -205,21 +220,25 @@ class AnnotationResult:
         )
         return df
 
-    def write_adata(self, adata, key: str = "cell_type") -> None:
-        """Write the calls into ``adata`` in place.
+    def write_adata(self, adata, key_added: str = "cell_type", *, reserve=()) -> dict[str, str]:
+        """Write the calls into ``adata`` in place; returns the user's columns moved aside.
 
-        obs: ``cell_type``, ``cell_type_confidence``, ``cell_type_band``,
-        ``cell_type_ontology_id``, ``cell_type_level``, ``cell_type_parent``,
-        ``cell_type_parent_confidence``, ``cell_type_alternates``,
-        ``cell_type_markers``, ``cell_type_novel``, ``cell_type_agreement``, ``cell_type_reason``,
-        ``cell_type_total_counts``, ``cell_type_n_genes``, ``cell_type_pct_mito``, ``cell_type_doublet_score``;
-        obsm: ``X_cellatlas`` (embedding), ``X_cellatlas_umap`` (layout);
-        uns: ``cellatlas`` (provenance and gene report).
+        obs: ``{key_added}``, ``{key_added}_confidence``, ``_band``, ``_ontology_id``, ``_level``,
+        ``_parent``, ``_parent_confidence``, ``_alternates``, ``_markers``, ``_novel``,
+        ``_agreement``, ``_reason``, ``_total_counts``, ``_n_genes``, ``_pct_mito``, ``_doublet_score``;
+        obsm: ``X_cellatlas`` (embedding), ``X_cellatlas_projection`` (the
+        cells placed on the atlas's 2-D reference layout: not a UMAP of these cells); uns:
+        ``cellatlas`` (provenance, gene report, ``key_added``, the columns written). An existing
+        column of the same name that cellatlas did not write is moved to ``<name>_uploaded``
+        (:mod:`cellatlas.adata_out`), never overwritten.
         """
+        from cellatlas.adata_out import put_obs, record
+
         if adata.n_obs != len(self):
             raise ValueError(f"adata has {adata.n_obs} cells but the result has {len(self)}")
+        key = key_added
         df = self.to_dataframe()
-        obs = adata.obs
+        obs = pd.DataFrame(index=adata.obs.index)
         obs[key] = pd.Categorical(df["cell_type"].to_numpy())
         obs[f"{key}_confidence"] = df["cell_type_confidence"].to_numpy()
         obs[f"{key}_band"] = pd.Categorical(df["cell_type_band"].to_numpy(), categories=["confident", "review", "low"])
@@ -234,11 +253,16 @@ class AnnotationResult:
         obs[f"{key}_reason"] = df["reason"].to_numpy().astype(str)
         for name in ("total_counts", "n_genes", "pct_mito", "doublet_score"):
             obs[f"{key}_{name}"] = df[name].to_numpy()
+        renamed = put_obs(adata, obs, reserve=reserve)
         if self.embedding is not None:
             adata.obsm["X_cellatlas"] = np.asarray(self.embedding, dtype=np.float32)
         if self.layout is not None:
-            adata.obsm["X_cellatlas_umap"] = np.asarray(self.layout, dtype=np.float32)
-        adata.uns["cellatlas"] = _jsonable({"provenance": self.provenance, "gene_report": self.gene_report})
+            adata.obsm["X_cellatlas_projection"] = np.asarray(self.layout, dtype=np.float32)
+        before = adata.uns.get("cellatlas", {})
+        uns = {"provenance": self.provenance, "gene_report": self.gene_report,
+               "moved_columns": before.get("moved_columns", {}) if isinstance(before, dict) else {}}
+        adata.uns["cellatlas"] = _jsonable(record(uns, obs.columns, key, renamed))
+        return renamed
 
     def to_calls(self, evidence: bool = True) -> list[dict[str, Any]]:
         """The wire format: one dict per cell, in input order (columns converted once, not per cell)."""
