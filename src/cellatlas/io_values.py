@@ -150,13 +150,13 @@ def _int_array(values: Any, field: str) -> np.ndarray:
 
 
 # --------------------------------------------------------------------------- values
-def _sample_rows(X: Any) -> sp.csr_matrix:
-    """Up to ``_DETECT_ROWS`` rows spread evenly over ``X``, as float32 CSR."""
+def sample_rows(X: Any, n_rows: int = _DETECT_ROWS) -> sp.csr_matrix:
+    """Up to ``n_rows`` rows spread evenly over ``X`` (deterministic), as float32 CSR; NaN/inf read as 0."""
     X = as_matrix_like(X)
     if len(X.shape) != 2 or X.shape[0] == 0 or np.dtype(X.dtype).kind not in "biuf":
         return sp.csr_matrix((0, 0), dtype=np.float32)
     n = X.shape[0]
-    idx = np.unique(np.linspace(0, n - 1, min(n, _DETECT_ROWS)).astype(np.int64))
+    idx = np.unique(np.linspace(0, n - 1, min(n, n_rows)).astype(np.int64))
     if sp.issparse(X) and X.format not in ("csr", "csc"):
         X = sp.csr_matrix(X)
     sub = X[idx]
@@ -208,7 +208,7 @@ def detect_log_base(X: Any) -> float:
         that (TPM-based values), the base whose back-transformed rows have the most
         constant sums; ``e`` when nothing stands out.
     """
-    sub = _sample_rows(X)
+    sub = sample_rows(X)
     data = np.clip(sub.data.astype(np.float64), 0.0, _LOG_MAX)
     if data.size == 0:
         return float(np.e)
@@ -247,7 +247,7 @@ def detect_values(X: Any) -> str:
     (:func:`cellatlas.io.validate_matrix` rejects them). For ``"lognorm"`` the log
     base is found by :func:`detect_log_base`.
     """
-    sub = _sample_rows(X)
+    sub = sample_rows(X)
     v = sub.data
     if v.size == 0:
         return "counts"

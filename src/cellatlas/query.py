@@ -10,6 +10,7 @@ in the gene report, never dropped silently.
 from __future__ import annotations
 
 import copy
+import warnings
 from dataclasses import dataclass, field
 from functools import cached_property, lru_cache
 from typing import Any, Sequence
@@ -20,6 +21,8 @@ import scipy.sparse as sp
 from cellatlas import io as cio
 from cellatlas.errors import InputError
 from cellatlas.genes import map_genes
+from cellatlas.io_genecheck import check_gene_list, skipped_check
+from cellatlas.io_qc import CellQC, cell_qc, mito_mask
 from cellatlas.sparse import ColumnPlan, row_block
 
 
@@ -49,6 +52,18 @@ class Query:
     def counts(self) -> sp.csr_matrix:
         """Canonical CSR counts over :attr:`genes` (merged columns summed)."""
         return ColumnPlan.from_colmap(self.colmap, len(self.genes)).apply(self.raw)
+
+    @cached_property
+    def mito(self) -> np.ndarray:
+        """Boolean mask of the mitochondrial input columns."""
+        if self.mapping is None:
+            return np.zeros(self.raw.shape[1], dtype=bool)
+        return mito_mask(self.mapping.genes, self.mapping.symbols)
+
+    def qc(self, start: int = 0, stop: int | None = None) -> CellQC:
+        """Per-cell QC facts (:func:`cellatlas.io_qc.cell_qc`) of rows ``start:stop`` over every input column."""
+        stop = self.n_cells if stop is None else stop
+        return cell_qc(row_block(self.raw, start, stop), self.mito)
 
     def plan(self, gene_cols: np.ndarray) -> ColumnPlan:
         """How to read the symbols at positions ``gene_cols`` of :attr:`genes` from the input columns."""
@@ -102,6 +117,7 @@ def prepare_query(
     layer: str | None = None,
     use_raw: bool | None = None,
     species: str | None = None,
+    skip_gene_check: bool = False,
 ) -> Query:
     """Validate, normalise identifiers and merge duplicates.
 
@@ -118,6 +134,16 @@ def prepare_query(
         Which AnnData matrix to read (see :func:`cellatlas.io.counts_from_adata`).
     species
         Force ``"human"`` or ``"mouse"`` instead of detecting it.
+    skip_gene_check
+        Do not check that the gene names belong to the matrix columns
+        (:func:`cellatlas.io_genecheck.check_gene_list`); for targeted panels or sorted
+        populations without housekeeping genes. The gene report says it was skipped.
+
+    Raises
+    ------
+    GeneListMismatchError
+        The gene list looks shifted, reversed, shuffled or taken from another dataset
+        (a weaker mismatch is a warning in ``report["gene_check"]``).
     """
     source = "matrix"
     if _is_anndata(X):
@@ -142,6 +168,10 @@ def prepare_query(
     mapping, mapping_report = _map_cached(tuple(genes), species)
     colmap, unique = _symbol_columns(tuple(mapping.symbols))
     n_kept = int((colmap >= 0).sum())
+    check = skipped_check() if skip_gene_check else check_gene_list(counts, mapping.symbols)
+    check.raise_for_error()
+    if check.verdict == "warning":
+        warnings.warn(f"{check.message} {check.fix}", UserWarning, stacklevel=2)
     report = copy.deepcopy(mapping_report)
     report.update(
         {
@@ -152,6 +182,7 @@ def prepare_query(
             "n_genes_used": int(len(unique)),
             "n_genes_unmapped": int(len(genes) - n_kept),
             "n_columns_merged": int(n_kept - len(unique)),
+            "gene_check": check.report(),
         }
     )
     return Query(counts, colmap, list(unique), cell_ids, report, mapping)
