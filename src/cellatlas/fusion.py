@@ -187,7 +187,9 @@ def fit(X: np.ndarray, truth: np.ndarray, weight: np.ndarray | None = None, l2: 
     X, T = X[keep], T[keep]
     w = np.ones(len(X)) if weight is None else np.asarray(weight, dtype=np.float64)[keep]
     w = w / w.sum()
-    start = FusionModel.default().coef
+    start = np.zeros(X.shape[2])
+    d = FusionModel.default().coef
+    start[: min(len(d), len(start))] = d[: len(start)]
 
     def nll(beta):
         P = softmax(X @ beta)
