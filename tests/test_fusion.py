@@ -1,8 +1,8 @@
 import numpy as np
 import pytest
 
-from cellatlas import fusion
-from cellatlas.fusion import Hierarchy
+from cellatlas import calls, fusion
+from cellatlas.fusion import Evidence, Hierarchy
 
 
 def test_knn_vote_weights_nearer_neighbours_more():
@@ -17,109 +17,113 @@ def test_knn_vote_weights_nearer_neighbours_more():
     assert p_wide[0, 1] > p_wide[0, 0]  # with a very wide kernel it is a plain majority
 
 
-def test_ood_score_monotone():
-    z, o = fusion.ood_score(np.array([0.1, 0.2, 0.9]), median=0.1, mad=0.02)
-    assert z[0] == pytest.approx(0.0)
-    assert o[0] < 0.1 < 0.9 < o[2]
-    assert np.all(np.diff(o) > 0)
+def test_ood_z_is_a_robust_z():
+    z = fusion.ood_z(np.array([0.1, 0.2, 0.9]), median=0.1, mad=0.02)
+    assert z[0] == pytest.approx(0.0) and np.all(np.diff(z) > 0)
+    assert z[1] == pytest.approx(0.1 / (1.4826 * 0.02), rel=1e-4)
 
 
-def test_spread_knn_moves_mass_to_marker_only_labels_when_far():
-    p_ref = np.array([[1.0, 0.0], [1.0, 0.0]])
-    ref_to_cand = np.array([0, 1])
-    marker_only = np.array([False, False, True, True])
-    p_marker = np.array([[0.1, 0.1, 0.7, 0.1]] * 2)
-    o = np.array([0.0, 1.0])
-    p = fusion.spread_knn(p_ref, ref_to_cand, o, p_marker, marker_only)
-    assert np.allclose(p.sum(axis=1), 1.0)
-    assert p[0, 0] == 1.0 and p[0, 2:].sum() == 0
-    assert p[1, 0] == 0.0 and p[1, 2] == pytest.approx(0.875)
+def _evidence(z, knn, seen, n_foil=0, distance=None, knn_top=None):
+    z = np.asarray(z, dtype=np.float32)
+    knn = np.asarray(knn, dtype=np.float32)
+    n = len(z)
+    return Evidence(
+        raw_centred=z / 10, z=z, knn=knn, distance=np.zeros(n, np.float32) if distance is None else np.asarray(distance, np.float32),
+        log_expressed=np.full(n, 8.0, np.float32), seen=np.asarray(seen, bool), coverage=np.ones(z.shape[1], np.float32),
+        knn_top=np.full(n, -1) if knn_top is None else np.asarray(knn_top), n_foil=n_foil,
+    )
 
 
-def test_hierarchy_rolls_up_when_only_parent_is_supported():
-    # candidates: naive CD4, memory CD4, B; parents: CD4 T -> T -> Lymphocyte; B -> Lymphocyte
+def test_design_gives_unseen_labels_their_own_terms():
+    ev = _evidence([[3.0, 1.0, 6.0]], [[1.0, 0.0, 0.0]], [True, True, False])
+    X = fusion.design(ev)
+    f = {k: i for i, k in enumerate(fusion.FEATURES)}
+    assert X.shape == (1, 4, len(fusion.FEATURES))
+    assert X[0, 2, f["marker_z_unseen"]] == 6.0 and X[0, 0, f["marker_z_unseen"]] == 0.0
+    assert X[0, 0, f["reference_seen"]] == 1.0 and X[0, 2, f["reference_seen"]] == 0.0
+    assert X[0, 0, f["knn_log_vote"]] == pytest.approx(np.log(1.0 + fusion.EPS), rel=1e-4)
+    assert X[0, 2, f["knn_log_vote"]] == 0.0  # an unseen label has no vote to read
+    assert X[0, 3, f["novel"]] == 1.0 and X[0, 3, f["novel_x_best_marker_z"]] == 6.0
+
+
+def _fit_on_synthetic(rng, n=600):
+    """Seen labels 0-1 and an unseen label 2; truth drawn so that markers decide when they are strong."""
+    evs, truths = [], []
+    for _ in range(3):
+        truth = rng.integers(0, 3, n)
+        z = rng.normal(0, 1, (n, 3)).astype(np.float32)
+        z[np.arange(n), truth] += 5.0
+        knn = np.zeros((n, 3), np.float32)
+        own = truth < 2  # neighbours vote right for seen types, for label 0 when the type is unseen
+        knn[np.arange(n), np.where(own, truth, 0)] = 1.0
+        evs.append(_evidence(z, knn, [True, True, False]))
+        t = np.zeros((n, 4), bool)
+        t[np.arange(n), truth] = True
+        truths.append(t)
+    X = np.concatenate([fusion.design(e) for e in evs])
+    return fusion.fit(X, np.concatenate(truths))
+
+
+def test_fit_learns_that_strong_markers_beat_neighbours_of_a_reference_without_the_type():
+    model = _fit_on_synthetic(np.random.default_rng(0))
+    # a neuron-like cell: its neighbours in a blood-only reference are all "label 0", its markers say label 2
+    neuron = _evidence([[0.2, -0.3, 6.0]], [[1.0, 0.0, 0.0]], [True, True, False])
+    blood = _evidence([[5.5, 0.1, 0.3]], [[1.0, 0.0, 0.0]], [True, True, False])
+    p_neuron, p_blood = model.probabilities(neuron)[0], model.probabilities(blood)[0]
+    assert p_neuron.argmax() == 2 and p_neuron[2] > 0.8
+    assert p_blood.argmax() == 0 and p_blood[0] > 0.8
+    assert model.summary["fitted"] and model.summary["converged"]
+
+
+def test_model_round_trips_through_a_dict():
+    model = _fit_on_synthetic(np.random.default_rng(1))
+    again = fusion.FusionModel.from_dict(model.to_dict())
+    assert np.allclose(again.coef, model.coef)
+    assert np.allclose(fusion.FusionModel.from_dict(None).coef, fusion.FusionModel.default().coef)
+
+
+def test_hierarchy_masses_and_depth():
     parents = {"naive": "CD4", "memory": "CD4", "CD4": "T", "T": "Lymph", "B": "Lymph"}
     h = Hierarchy.build(["naive", "memory", "B"], parents)
     assert h.nodes[:3] == ["naive", "memory", "B"]
-    fused = np.array([[0.35, 0.35, 0.30], [0.9, 0.05, 0.05], [0.3, 0.3, 0.4]])
-    call, coarse = fusion.hierarchical_call(fused, h)
-    names = [h.nodes[c] for c in call]
-    assert names == ["CD4", "naive", "CD4"]
-    assert list(coarse) == [True, False, True]
-
-
-def test_roll_up_to_shared_finds_the_deepest_common_label():
-    # NK and CD4 are candidates; CD8 (a foil) sits under T; Lymph is the root of both.
-    parents = {"NK": "Lymph", "CD4": "T", "T": "Lymph", "B": "Lymph"}
-    h = Hierarchy.build(["NK", "CD4", "B"], parents)
     pos = {n: i for i, n in enumerate(h.nodes)}
-    assert h.above[pos["CD4"], pos["Lymph"]] and not h.above[pos["Lymph"], pos["CD4"]]
-    above_cd8 = np.zeros(len(h.nodes), dtype=bool)
-    above_cd8[[pos["T"], pos["Lymph"]]] = True
-    nothing = np.zeros(len(h.nodes), dtype=bool)
-    call = np.array([pos["NK"], pos["CD4"], pos["NK"]])
-    up = fusion.roll_up_to_shared(call, np.stack([above_cd8, above_cd8, nothing]), h)
-    # NK and CD8 share only "Lymph"; CD4 and CD8 share "T"; with nothing shared the call stays (-1).
-    assert [h.nodes[u] if u >= 0 else None for u in up] == ["Lymph", "T", None]
+    m = h.mass(np.array([[0.35, 0.35, 0.30]]))
+    assert m[0, pos["CD4"]] == pytest.approx(0.7) and m[0, pos["Lymph"]] == pytest.approx(1.0)
+    assert h.depth[pos["naive"]] == 3 and h.depth[pos["Lymph"]] == 0
 
 
-def test_calibration_fit_and_ece():
-    rng = np.random.default_rng(0)
-    x = rng.normal(size=(2000, len(fusion.CALIBRATION_FEATURES)))
-    p = 1 / (1 + np.exp(-(2 * x[:, 0] - 0.5)))
-    y = rng.random(2000) < p
-    cal = fusion.fit_calibration(x, y)
-    conf = fusion.apply_calibration(x, np.array(cal["coef"]), cal["intercept"])
-    assert fusion.expected_calibration_error(conf, y) < 0.05
-    # an overconfident score is badly calibrated
-    assert fusion.expected_calibration_error(np.ones(2000), y) > 0.2
+def test_calls_stop_where_the_next_step_is_more_likely_wrong():
+    parents = {"naive": "CD4", "memory": "CD4", "CD4": "T", "T": "Lymph", "B": "Lymph"}
+    h = Hierarchy.build(["naive", "memory", "B"], parents)
+    pos = {n: i for i, n in enumerate(h.nodes)}
+    ev = _evidence(np.zeros((3, 3)), np.zeros((3, 3)), [True, True, True])
+    prob = np.array([[0.45, 0.45, 0.1, 0.0], [0.95, 0.03, 0.02, 0.0], [0.2, 0.2, 0.1, 0.5]])
+    call, conf, parent, p_conf, novel = calls.decide(ev, prob, h, calls.NodeCalibration.default())
+    names = [h.nodes[c] for c in call]
+    # the unfitted calibration reads each node's mass: CD4 (0.9) yes, naive (0.45) no
+    assert names[0] == "CD4" and conf[0] == pytest.approx(0.9, abs=1e-3) and h.nodes[parent[0]] == "T"
+    assert names[1] == "naive" and conf[1] == pytest.approx(0.95, abs=1e-3)
+    assert p_conf[1] >= conf[1]
+    # half the mass says "none of these": flagged novel, and its confidence is capped below 0.5
+    assert novel.tolist() == [False, False, True] and conf[2] <= 0.5
 
 
-def test_calibration_without_held_out_errors_gives_the_smoothed_accuracy():
-    x = np.random.default_rng(1).normal(size=(300, len(fusion.CALIBRATION_FEATURES)))
-    cal = fusion.fit_calibration(x, np.ones(300, dtype=bool))
-    conf = fusion.apply_calibration(x, np.array(cal["coef"]), cal["intercept"])
-    # nothing distinguishes right from wrong calls: every call gets (300 + 1) / (300 + 2)
-    assert np.allclose(conf, 301 / 302, atol=2e-3) and cal["summary"]["accuracy"] == 1.0
+def test_path_probabilities_never_increase_down_the_branch():
+    parents = {"a": "A", "b": "A"}
+    h = Hierarchy.build(["a", "b"], parents)
+    ev = _evidence(np.zeros((2, 2)), np.zeros((2, 2)), [True, True])
+    prob = np.array([[0.6, 0.4, 0.0], [0.3, 0.3, 0.4]])
+    cal = calls.NodeCalibration(np.r_[2.0, np.zeros(len(calls.NODE_FEATURES) - 2), 3.0], 0.0, {})  # leaves get a bonus
+    br, p = calls.path_probabilities(ev, prob, h, cal)
+    assert np.all(np.diff(p, axis=1) <= 1e-12)
 
 
-def test_fuse_is_geometric_mean():
-    a = np.array([[0.8, 0.2]])
-    b = np.array([[0.2, 0.8]])
-    f = fusion.fuse(a, b)
-    assert np.allclose(f, [[0.5, 0.5]], atol=1e-3)
-
-
-def test_marker_ood_needs_a_clear_lead():
-    marker_only = np.array([False, False, True])
-    s = np.array([
-        [0.0, 0.05, 3.0],  # a marker-only label fits far better than any reference label
-        [1.0, 0.0, 1.2],   # a reference label fits about as well: stay
-        [0.0, 0.0, 0.2],   # nothing fits anywhere: no evidence to move
-    ])
-    o = fusion.marker_ood(s, marker_only)
-    assert o[0] > 0.8 and o[1] == 0 and o[2] == 0
-
-
-def test_foil_lead_flags_a_better_fitting_absent_type():
-    s = np.array([[1.0, 0.1], [0.1, 0.2], [0.9, 0.0]])
-    f = np.array([[0.3, 0.0], [0.8, 0.1], [0.2, 0.95]])
-    lead = fusion.foil_lead(s, f)
-    assert lead[0] < 0 and lead[1] > 0 and lead[2] > 0
-    assert np.all(np.isneginf(fusion.foil_lead(s, np.zeros((3, 0)))))
-
-
-def test_usable_foils_drop_unmeasured_and_reference_owned_types():
-    codes = np.array([0] * 10 + [1] * 10)
-    ref_std = np.full((20, 2), 0.0)
-    ref_std[:10, 0] = ref_std[10:, 1] = 1.0
-    ref_foil = np.zeros((20, 3))
-    ref_foil[10:19, 1] = 2.0  # foil 1 beats every candidate on 90% of label 1: it *is* label 1
-    ref_foil[0, 2] = 2.0      # foil 2 beats on one cell of label 0 (10%): a minority, kept
-    keep = fusion.usable_foils(np.array([0.2, 1.0, 0.8]), ref_std, ref_foil, codes)
-    assert keep.tolist() == [False, False, True]  # foil 0 has too few of its markers measured
-
-
-def test_foil_standardisation_uses_reference_mean_and_median_gap():
-    centre, scale = fusion.foil_standardisation(np.array([[0.1, 0.0], [0.3, 0.2]]), np.array([0.2, 0.4, 0.6]))
-    assert np.allclose(centre, [0.2, 0.1]) and np.allclose(scale, [0.4, 0.4])
+def test_node_calibration_fits_rightness():
+    rng = np.random.default_rng(2)
+    F = rng.normal(size=(3000, len(calls.NODE_FEATURES)))
+    y = rng.random(3000) < 1 / (1 + np.exp(-(2 * F[:, 0] - 0.5)))
+    cal = calls.fit_calibration(F, y, np.ones(3000))
+    assert fusion.expected_calibration_error(cal.predict(F), y) < 0.05
+    assert fusion.expected_calibration_error(np.ones(3000), y) > 0.2  # an overconfident score is not calibrated
+    again = calls.NodeCalibration.from_dict(cal.to_dict())
+    assert np.allclose(again.predict(F), cal.predict(F))

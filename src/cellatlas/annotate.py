@@ -23,9 +23,8 @@ from cellatlas.result import AnnotationResult
 from cellatlas.sparse import row_block
 from cellatlas.encoders import model_status
 from cellatlas.errors import ModelUnavailableError
-from cellatlas.genes import check_coverage
 from cellatlas.io_qc import UNASSIGNED, doublet_scores, unassigned_reasons
-from cellatlas.runtime import MIN_SHARED_GENES, MIN_SHARED_PANEL, AtlasRuntime
+from cellatlas.runtime import AtlasRuntime, check_atlas_coverage
 
 DEFAULT_MODEL = "default"
 
@@ -68,7 +67,7 @@ def annotate_query(
     _check_model(model, model_path)
     if model == DEFAULT_MODEL and query.mapping is not None:
         # Names the likely cause (barcodes as genes, unmapped ids, wrong species, ...).
-        check_coverage(query.mapping, at.panel, min_fraction=MIN_SHARED_PANEL, min_genes=MIN_SHARED_GENES)
+        check_atlas_coverage(query.mapping, at)  # names the likely cause of a mismatch
     rt = get_runtime(at, model, query.genes, model_path)
     t_setup = time.perf_counter() - t0
     n = query.n_cells

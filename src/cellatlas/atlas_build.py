@@ -345,8 +345,8 @@ def build_from_sources(
     atlas.meta["anchors"] = _anchors(atlas.arrays["ref_layout"], [c for c in atlas.meta["candidates"] if c not in set(labels)])
     if fit_folds:
         log("fitting the fusion model on held-out cells")
-        fitted = fit_fusion(prepared, kw, atlas, embedding=embedding, n_folds=fit_folds, seed=seed, log=log)
-        atlas.meta["models"][model]["fusion"] = fitted.to_dict()
+        fitted, calibration = fit_fusion(prepared, kw, atlas, embedding=embedding, n_folds=fit_folds, seed=seed, log=log)
+        atlas.meta["models"][model]["fusion"] = {**fitted.to_dict(), "calibration": calibration.to_dict()}
     atlas.meta.update(
         {
             "version": version,

@@ -29,9 +29,6 @@ from dataclasses import dataclass, field
 import numpy as np
 
 K_NEIGHBOURS = 15
-CALL_THRESHOLD = 0.5
-"""The call descends the hierarchy to the child holding at least this probability: the deepest label
-more likely right than not (no tuning: any smaller value allows two children to qualify)."""
 NOVEL_THRESHOLD = 0.5
 """A cell is flagged novel when "none of the atlas's labels" is more likely than not; its call's
 confidence is then below 0.5 by construction."""
@@ -65,6 +62,8 @@ class Evidence:
         ``[n_cand]`` whether reference cells carry the label or a label above it.
     coverage
         ``[n_cand + n_foil]`` share of each label's positive markers among the genes read.
+    knn_top
+        ``[n]`` hierarchy node of the label the neighbours voted for most (``-1``: none).
     n_foil
         Number of foil columns at the end of ``raw_centred``, ``z`` and ``coverage``.
     """
@@ -76,6 +75,7 @@ class Evidence:
     log_expressed: np.ndarray
     seen: np.ndarray
     coverage: np.ndarray
+    knn_top: np.ndarray
     n_foil: int = 0
 
     @property
@@ -84,7 +84,7 @@ class Evidence:
 
     def take(self, rows: np.ndarray) -> "Evidence":
         return Evidence(self.raw_centred[rows], self.z[rows], self.knn[rows], self.distance[rows],
-                        self.log_expressed[rows], self.seen, self.coverage, self.n_foil)
+                        self.log_expressed[rows], self.seen, self.coverage, self.knn_top[rows], self.n_foil)
 
 
 def design(ev: Evidence) -> np.ndarray:
@@ -283,29 +283,6 @@ def knn_vote(sim: np.ndarray, idx: np.ndarray, ref_codes: np.ndarray, n_codes: i
 def ood_z(mean_dist: np.ndarray, median: float, mad: float) -> np.ndarray:
     """Robust z of the mean neighbour distance against the reference's own distribution."""
     return ((mean_dist - median) / max(1.4826 * mad, 1e-4)).astype(np.float32)
-
-
-def hierarchical_call(p: np.ndarray, h: Hierarchy, threshold: float = CALL_THRESHOLD, mass: np.ndarray | None = None) -> np.ndarray:
-    """Top-down call: from the roots, step to the child with the most mass while it reaches ``threshold``.
-
-    ``p`` are candidate probabilities ``[n, n_cand]`` (they may sum to less than 1: the rest is
-    "novel"). If no top-level node reaches the threshold, the best candidate is called (its
-    low probability is its confidence). ``mass`` is ``h.mass(p)`` when already computed.
-    """
-    mass = h.mass(p) if mass is None else mass
-    n, n_nodes = mass.shape
-    children = np.zeros((n_nodes + 1, n_nodes), dtype=bool)
-    children[h.parent + 1, np.arange(n_nodes)] = True  # children[j + 1]: children of node j; [0]: roots
-    current = np.full(n, -1)
-    rows = np.arange(n)
-    for _ in range(int(h.depth.max()) + 1):
-        masked = np.where(children[current + 1], mass, -1.0)
-        child = masked.argmax(axis=1)
-        step = masked[rows, child] >= threshold
-        if not step.any():
-            break
-        current = np.where(step, child, current)
-    return np.where(current >= 0, current, p.argmax(axis=1))
 
 
 def expected_calibration_error(conf: np.ndarray, correct: np.ndarray, n_bins: int = 10) -> float:

@@ -20,7 +20,7 @@ import faiss
 import numpy as np
 import scipy.sparse as sp
 
-from cellatlas import fusion
+from cellatlas import calls, fusion
 from cellatlas.atlas import Atlas
 from cellatlas.encoders import get_encoder
 from cellatlas.encoders.default import DefaultEncoder
@@ -35,6 +35,21 @@ MIN_SHARED_PANEL = 0.05
 MIN_SHARED_GENES = 100
 DEPTH_LEVELS = 6
 """Reference marker statistics are computed at depths 1, 1/2, ..., 1/32 of the reference's own."""
+
+
+def check_atlas_coverage(mapping, atlas: Atlas) -> bool:
+    """Refuse a query sharing too few of the atlas's genes; return whether neighbours can be used.
+
+    At least ``MIN_SHARED_GENES`` of the atlas's stored genes (panel and markers) must be
+    measured, else :class:`~cellatlas.errors.GeneMismatchError` names the likely cause (barcodes
+    as genes, unmapped ids, wrong species, ...). Neighbours also need ``MIN_SHARED_PANEL`` of the
+    panel; below that the call rests on markers alone.
+    """
+    from cellatlas.genes import check_coverage, coverage
+
+    check_coverage(mapping, atlas.ref_genes, min_fraction=0.0, min_genes=MIN_SHARED_GENES)
+    n = coverage(mapping.symbols, atlas.panel)["n_present"]
+    return n >= max(MIN_SHARED_GENES, MIN_SHARED_PANEL * len(atlas.panel))
 
 
 def depth_level_scores(ref: sp.csr_matrix, compiled) -> list[np.ndarray]:
@@ -108,17 +123,20 @@ class AtlasRuntime:
             self.ref_emb = atlas.embedding(model)
             self.dist = meta["neighbours"]
             self.report["model_gene_coverage"] = round(float(self.encoder.gene_coverage(self.genes)), 4)
-        self.index = faiss.IndexFlatIP(self.ref_emb.shape[1])
-        self.index.add(np.ascontiguousarray(self.ref_emb, dtype=np.float32))
+        self.index = None
+        if self.ref_emb is not None:
+            self.index = faiss.IndexFlatIP(self.ref_emb.shape[1])
+            self.index.add(np.ascontiguousarray(self.ref_emb, dtype=np.float32))
         self.ref_codes = atlas.ref_codes.astype(np.int64)
         self.layout_ref = atlas.arrays["ref_layout"].astype(np.float32)
         self.model_fusion = fusion.FusionModel.from_dict(meta.get("fusion"))
+        self.node_calibration = calls.NodeCalibration.from_dict((meta.get("fusion") or {}).get("calibration"))
         self._init_labels(atlas)
         # The default encoder can embed downsampled reference cells on the fly; foundation
         # models search the stored full-depth embedding only.
         self.depth_index = (
             DepthMatchedIndex(lambda x: self.encoder.embed(x, self.universe), self._ref_universe, self.index, self.dist)
-            if model == "default" else None
+            if model == "default" and self.index is not None else None
         )
 
     # ------------------------------------------------------------------ setup
@@ -127,16 +145,14 @@ class AtlasRuntime:
         have = set(self.genes)
         shared = [g for g in panel if g in have]
         self.report.update({"panel_genes": len(panel), "panel_shared": len(shared), "panel_coverage": round(len(shared) / len(panel), 4)})
-        if len(shared) < max(MIN_SHARED_GENES, MIN_SHARED_PANEL * len(panel)):
-            raise GeneMismatchError(
-                f"Only {len(shared)} of the atlas '{atlas.name}' panel's {len(panel)} genes are in your data "
-                f"({len(shared) / len(panel):.0%}); a call on so few genes would be meaningless (every cell would look alike).",
-                fix="Check that the gene names are HGNC symbols or Ensembl ids of the matrix columns, in the same order "
-                "as the columns, and for a supported species (human, or mouse via orthologs).",
-                field="genes",
-                details={"panel_shared": len(shared), "panel_genes": len(panel)},
-            )
         state = atlas.encoder_state("default")
+        if len(shared) < max(MIN_SHARED_GENES, MIN_SHARED_PANEL * len(panel)):  # as check_atlas_coverage
+            # Too few panel genes for neighbours to mean anything (every cell would look alike):
+            # the call rests on the markers alone, and the model knows it (no label is "seen").
+            self.encoder, self.ref_emb, self.dist = DefaultEncoder.from_state(state), None, meta["neighbours"]
+            self.report["neighbours"] = (f"off: only {len(shared)} of the atlas panel's {len(panel)} genes are measured; "
+                                         "calls rest on marker genes alone")
+            return
         if len(shared) == len(panel):
             self.encoder = DefaultEncoder.from_state(state)
             self.ref_emb = atlas.embedding("default")
@@ -214,10 +230,15 @@ class AtlasRuntime:
             :meth:`cellatlas.query.Query.take` with :attr:`q_cols`), saving a selection.
         """
         stored = stored if stored is not None else self.q_plan.apply(counts)
-        emb = self.encoder.embed(stored, self.universe) if self.model == "default" else self._foundation_embed(counts)
+        n = stored.shape[0] if stored is not None else counts.shape[0]
+        if self.index is None:  # markers only (see _init_default)
+            emb, sim, idx = np.zeros((n, 0), np.float32), np.zeros((n, 0), np.float32), np.zeros((n, 0), np.int64)
+            dz, vote = np.zeros(n, np.float32), np.zeros((n, len(self.ref_node)))
+        else:
+            emb = self.encoder.embed(stored, self.universe) if self.model == "default" else self._foundation_embed(counts)
+            sim, idx, dz = self._neighbours(emb, np.asarray(stored.sum(axis=1)).ravel())
+            vote = fusion.knn_vote(sim, idx, self.ref_codes, len(self.ref_node), self.dist["bandwidth"])
         depth = np.asarray(stored.sum(axis=1)).ravel()
-        sim, idx, dz = self._neighbours(emb, depth)
-        vote = fusion.knn_vote(sim, idx, self.ref_codes, len(self.ref_node), self.dist["bandwidth"])
         ranks = rank_scores(stored)
         raw = score_markers(ranks, self.compiled, ranked=True)
         level = np.clip(np.rint(np.log2(self.ref_depth / np.maximum(depth, 1.0))), 0, DEPTH_LEVELS - 1).astype(int)
@@ -228,8 +249,9 @@ class AtlasRuntime:
             knn=vote @ self.knn_map,
             distance=np.nan_to_num(dz, nan=0.0),
             log_expressed=np.log2(1.0 + np.diff(ranks.indptr)).astype(np.float32),
-            seen=self.seen,
+            seen=self.seen & (self.index is not None),
             coverage=self.compiled.coverage.astype(np.float32),
+            knn_top=self.ref_node[vote.argmax(axis=1)] if self.index is not None else np.full(n, -1),
             n_foil=len(self.foils),
         )
         return ev, emb, sim, idx, vote, ranks
@@ -240,22 +262,21 @@ class AtlasRuntime:
         return self.decide(ev, emb, sim, idx, vote, ranks)
 
     def decide(self, ev: fusion.Evidence, emb, sim, idx, vote, ranks) -> Scored:
-        """Probabilities, call, confidences and novel flag from the evidence."""
-        n_cand, h = len(self.candidates), self.hierarchy
+        """Probabilities, call, confidences and novel flag from the evidence (:mod:`cellatlas.calls`)."""
         prob = self.model_fusion.probabilities(ev)
-        p_cand = prob[:, :n_cand]
-        mass = h.mass(p_cand)
-        call = fusion.hierarchical_call(p_cand, h, mass=mass)
-        rows = np.arange(len(call))
-        conf = mass[rows, call].astype(np.float32)
-        parent = h.parent[call]
-        p_conf = np.where(parent >= 0, mass[rows, np.maximum(parent, 0)], np.nan).astype(np.float32)
-        novel = prob[:, n_cand:].sum(axis=1) >= fusion.NOVEL_THRESHOLD
-        return Scored(emb, sim, idx, ev, prob, vote, self.model_fusion.marker_probabilities(ev), call, call >= n_cand,
-                      conf, parent, p_conf, novel, ranks)
+        call, conf, parent, p_conf, novel = calls.decide(ev, prob, self.hierarchy, self.node_calibration)
+        return Scored(emb, sim, idx, ev, prob, vote, self.model_fusion.marker_probabilities(ev), call,
+                      call >= len(self.candidates), conf, parent, p_conf, novel, ranks)
 
     def place(self, counts: sp.csr_matrix | None, stored: sp.csr_matrix | None = None) -> tuple[np.ndarray, np.ndarray]:
         """Embedding and neighbour-weighted layout position only (no marker scoring; arguments as :meth:`score`)."""
+        if self.index is None:
+            raise GeneMismatchError(
+                f"Too few of the atlas '{self.atlas.name}' panel genes are in your data to place cells among its reference "
+                f"cells ({self.report.get('neighbours')}).",
+                fix="Embed data that measures more genes (a whole transcriptome rather than a targeted panel).",
+                field="genes",
+            )
         if self.model == "default":
             stored = stored if stored is not None else self.q_plan.apply(counts)
             emb, depth = self.encoder.embed(stored, self.universe), np.asarray(stored.sum(axis=1)).ravel()
@@ -289,6 +310,8 @@ class AtlasRuntime:
 
     # ------------------------------------------------------------------ per-cell details
     def _neighbour_layout(self, sim: np.ndarray, idx: np.ndarray) -> np.ndarray:
+        if sim.shape[1] == 0:
+            return np.zeros((len(sim), 2), dtype=np.float32)
         d = 1.0 - sim
         w = np.exp(-(d - d[:, :1]) / max(self.dist["bandwidth"], 1e-3))
         w /= w.sum(axis=1, keepdims=True)

@@ -17,6 +17,8 @@ not contain:
 * **pre-filtered gene lists**: every held-out cell again with only its dataset's 1,000 or 2,500
   most detected genes (as in datasets shared as highly variable or expressed genes only), at
   half its depth;
+* **targeted panels**: every held-out cell read by its markers alone (what a query measuring too
+  few of the atlas's panel genes for neighbours gets);
 * **corrupted input**: a sample of held-out cells with their gene names shuffled, whose truth
   is "none of the atlas's labels".
 """
@@ -28,7 +30,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from cellatlas import fusion
+from cellatlas import calls, fusion
 from cellatlas.atlas import Atlas
 from cellatlas.errors import CellAtlasError
 from cellatlas.markers import load_labels
@@ -44,7 +46,7 @@ THINNING = (0.25, 1.0 / 16)
 PANEL_SIZES = (1000, 2500)
 """Pre-filtered gene lists: held-out cells again with only this many of their most detected genes."""
 SHUFFLED_CELLS = 100
-VARIANT_WEIGHT = {"as sent": 1.0, "thinned": 0.5, "fewer genes": 0.5, "shuffled genes": 0.5}
+VARIANT_WEIGHT = {"as sent": 1.0, "thinned": 0.5, "fewer genes": 0.5, "markers only": 0.25, "shuffled genes": 0.5}
 PROFILE_WEIGHT = 0.25
 """Pseudo-cells drawn from averaged profiles are easier than real cells: they count less."""
 
@@ -53,11 +55,16 @@ PROFILE_WEIGHT = 0.25
 class Cases:
     """Held-out cases of one (fold, source, variant)."""
 
-    design: np.ndarray
+    evidence: fusion.Evidence
     truth: np.ndarray
     weight: float
     source: str
     variant: str
+    hierarchy: fusion.Hierarchy
+
+    @property
+    def design(self) -> np.ndarray:
+        return fusion.design(self.evidence)
 
 
 def truth_options(truth: Sequence[str], candidates: list[str], foils: list[str], parents: dict[str, str]) -> np.ndarray:
@@ -146,7 +153,11 @@ def _score(atlas: Atlas, part: Prepared, rows: np.ndarray, model: str, encoder, 
             truth[:, -1] = True
         else:
             truth = truth_options(list(labels), rt.candidates, rt.foils, parents)
-        out.append(Cases(fusion.design(ev), truth, weight * VARIANT_WEIGHT[variant], part.name, variant))
+        out.append(Cases(ev, truth, weight * VARIANT_WEIGHT[variant], part.name, variant, rt.hierarchy))
+        if variant == "as sent":  # the same cells read by their markers alone (a query with too few panel genes)
+            blind = fusion.Evidence(ev.raw_centred, ev.z, np.zeros_like(ev.knn), np.zeros_like(ev.distance), ev.log_expressed,
+                                    np.zeros_like(ev.seen), ev.coverage, np.full(len(ev.knn_top), -1), ev.n_foil)
+            out.append(Cases(blind, truth, weight * VARIANT_WEIGHT["markers only"], part.name, "markers only", rt.hierarchy))
     return out
 
 
@@ -225,23 +236,31 @@ def fit_fusion(
         if p.kind == "heldout" and p.group not in groups:
             cases += _score(atlas, p, _sample(p.labels, rng), model, encoder, rng, parents)
     if not cases:
-        return fusion.FusionModel.default()
-    X = np.concatenate([c.design for c in cases])
+        return fusion.FusionModel.default(), calls.NodeCalibration.default()
     T = np.concatenate([c.truth for c in cases])
     w = np.concatenate([np.full(len(c.truth), c.weight / max(len(c.truth), 1)) for c in cases])
-    fitted = fusion.fit(X, T, w)
-    fitted.summary.update(_summary(fitted, cases))
+    fitted = fusion.fit(np.concatenate([c.design for c in cases]), T, w)
+    rows = [calls.training_rows(c.evidence, fitted.probabilities(c.evidence), c.truth, c.hierarchy) for c in cases]
+    cw = np.concatenate([np.full(len(y), c.weight / max(len(c.truth), 1)) for c, (_, y) in zip(cases, rows)])
+    calibration = calls.fit_calibration(np.vstack([F for F, _ in rows]), np.concatenate([y for _, y in rows]), cw)
+    fitted.summary.update(_summary(fitted, calibration, cases))
     log(f"  fusion model fitted on {len(T)} held-out cases: {fitted.summary['by_variant']}")
-    return fitted
+    return fitted, calibration
 
 
-def _summary(model: fusion.FusionModel, cases: list[Cases]) -> dict:
-    """Held-out accuracy (the most probable option is right) and mean probability of the truth, per variant and source."""
+def _summary(model: fusion.FusionModel, calibration: "calls.NodeCalibration", cases: list[Cases]) -> dict:
+    """Held-out accuracy, mean confidence and ECE of the calls (in sample for the few fitted coefficients), per variant and source."""
     def stats(group: list[Cases]) -> dict:
-        P = [fusion.softmax(c.design @ model.coef) for c in group]
-        right = np.concatenate([c.truth[np.arange(len(p)), p.argmax(axis=1)] for c, p in zip(group, P)])
-        p_true = np.concatenate([(p * c.truth).sum(axis=1) for c, p in zip(group, P)])
-        return {"n": int(len(right)), "top_option_right": round(float(right.mean()), 4), "mean_p_truth": round(float(p_true.mean()), 4)}
+        right, conf = [], []
+        for c in group:
+            prob = model.probabilities(c.evidence)
+            call, cf, *_ = calls.decide(c.evidence, prob, c.hierarchy, calibration)
+            under = c.truth[:, : c.hierarchy.n_cand].astype(np.float32) @ c.hierarchy.member.astype(np.float32) > 0
+            right.append(under[np.arange(len(call)), call])
+            conf.append(cf)
+        r, cf = np.concatenate(right), np.concatenate(conf)
+        return {"n": int(len(r)), "accuracy": round(float(r.mean()), 4), "mean_confidence": round(float(cf.mean()), 4),
+                "ece": round(fusion.expected_calibration_error(cf, r), 4)}
 
     by_variant = {v: stats([c for c in cases if c.variant == v]) for v in dict.fromkeys(c.variant for c in cases)}
     by_source = {s: stats([c for c in cases if c.source == s and c.variant == "as sent"])

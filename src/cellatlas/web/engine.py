@@ -110,17 +110,17 @@ def dataset_facts(ds: Dataset, atlases: Sequence[dict[str, Any]], settings: Sett
     would be refused for too few shared genes).
     """
     from cellatlas.atlas import load_atlas
-    from cellatlas.genes import check_coverage, coverage
-    from cellatlas.runtime import MIN_SHARED_GENES, MIN_SHARED_PANEL
+    from cellatlas.genes import coverage
+    from cellatlas.runtime import check_atlas_coverage
 
     cov = {}
     for info in atlases:
         if not info.get("usable", True):
             continue
-        panel = load_atlas(info["name"], settings).panel
-        entry = dict(coverage(ds.mapping.symbols, panel), ok=True, problem=None)
+        at = load_atlas(info["name"], settings)
+        entry = dict(coverage(ds.mapping.symbols, at.panel), ok=True, problem=None)
         try:
-            check_coverage(ds.mapping, panel, min_fraction=MIN_SHARED_PANEL, min_genes=MIN_SHARED_GENES)
+            entry["neighbours"] = check_atlas_coverage(ds.mapping, at)
         except CellAtlasError as e:
             entry.update(ok=False, problem={"message": e.message, "fix": e.fix})
         cov[info["name"]] = entry
