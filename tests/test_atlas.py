@@ -7,6 +7,7 @@ from functools import partial
 import numpy as np
 import pytest
 
+from cellatlas import calls, fusion
 from cellatlas.atlas import ALIASES, download_atlas, list_atlases, load_atlas, read_atlas
 from cellatlas.atlas_build import build_atlas
 from cellatlas.errors import AtlasFormatError, AtlasModelMismatchError, InputError, UnknownAtlasError
@@ -29,11 +30,15 @@ def test_builtin_atlas_contents():
         assert lab in at.meta["candidates"]
         assert len(at.marker_sets[lab]["positive"]) >= 3
     assert np.isfinite(at.arrays["ref_layout"]).all()
-    cal = at.stats("default")["calibration"]
-    assert len(cal["coef"]) == 6 and cal["summary"]["n"] == at.ref_codes.shape[0]
-    # The parent-level model is fitted on the held-out calls that have a parent, judged at that parent.
-    assert len(cal["parent"]["coef"]) == 6 and 0 < cal["parent"]["n"] <= cal["summary"]["n"]
-    assert cal["parent"]["summary"]["accuracy"] >= cal["summary"]["accuracy"]
+    # The fusion model and its calibration were fitted on held-out cells of every source group.
+    fus = at.stats("default")["fusion"]
+    assert set(fus["coef"]) == set(fusion.FEATURES) and fus["summary"]["fitted"]
+    assert set(fus["calibration"]["coef"]) == set(calls.NODE_FEATURES) and fus["calibration"]["summary"]["fitted"]
+    groups = {s["group"] for s in at.meta["provenance"]["sources"]}
+    assert len(groups) >= 5 and {"pbmc3k", "hnscc", "mouse_lung", "baron", "kang"} <= groups
+    assert set(fus["summary"]["by_variant"]) >= {"as sent", "thinned", "fewer genes", "markers only", "shuffled genes"}
+    # reference cells of more than blood
+    assert {"Pancreatic beta cell", "Fibroblast", "Endothelial cell", "Neutrophil", "Macrophage"} <= set(at.reference_labels)
     assert at.reference_counts().shape == (at.ref_codes.shape[0], len(at.ref_genes))
     table = at.marker_table()
     assert {"label", "ontology_id", "gene", "sign", "source"} <= set(table.columns)
@@ -58,7 +63,7 @@ def test_corrupt_file_is_a_format_error(tmp_path):
 @pytest.fixture(scope="module")
 def small_atlas(pbmc68k):
     a = pbmc68k.copy()
-    return build_atlas(a, "bulk_labels", name="pbmc68k-test", use_raw=True, calibrate_folds=2, layout="pca", n_hvg=300)
+    return build_atlas(a, "bulk_labels", name="pbmc68k-test", use_raw=True, fit_folds=2, layout="pca", n_hvg=300)
 
 
 def test_build_roundtrip(small_atlas, isolated_home):
@@ -131,4 +136,4 @@ def test_foils_are_absent_leaf_types_outside_the_candidates():
     assert "Naive CD4 T cell" not in foils  # a finer type of a candidate is not novel
     assert "T cell" not in foils            # grouping nodes never
     nk = foils["NK cell"]
-    assert set(nk["own"]) == set(curated["NK cell"]["positive"]) and set(nk["own"]) <= set(nk["positive"])
+    assert set(curated["NK cell"]["positive"]) <= set(nk["positive"])  # its own markers, and its parent's

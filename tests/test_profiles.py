@@ -36,7 +36,7 @@ def pseudo_cells(genes, seed, n_types=5, per_type=40, n_de=40):
 
 
 def build(a, kind):
-    return build_atlas(a, "cell_type", name=f"p-{kind}", reference_kind=kind, calibrate_folds=0, layout="pca", n_hvg=100, n_pcs=10)
+    return build_atlas(a, "cell_type", name=f"p-{kind}", reference_kind=kind, fit_folds=0, layout="pca", n_hvg=100, n_pcs=10)
 
 
 def test_label_means():

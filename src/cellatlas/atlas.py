@@ -4,7 +4,7 @@ An atlas is one ``.atlas.npz`` file (numpy zip, read with ``allow_pickle=False``
 holding the gene panel, per-model reference embeddings and encoder state, the
 reference cells' panel counts and labels, the label table (Cell Ontology ids and
 parents), marker sets, neighbour-distance and marker-score statistics for
-out-of-distribution detection, calibration, the 2-D reference layout and
+out-of-distribution detection, the fitted fusion model, the 2-D reference layout and
 provenance. JSON metadata is stored as a uint8 array named ``meta_json``.
 
 Building lives in :mod:`cellatlas.atlas_build`.
@@ -47,7 +47,7 @@ class Atlas:
     ----------
     meta
         JSON metadata: name, version, labels table, marker sets, models,
-        statistics, calibration, provenance.
+        statistics, fusion model, provenance.
     arrays
         Named numpy arrays (reference counts, labels, embeddings, encoder state, layout).
     path, sha256
@@ -136,7 +136,7 @@ class Atlas:
         return {k[len(prefix):]: v for k, v in self.arrays.items() if k.startswith(prefix)}
 
     def stats(self, model: str) -> dict[str, Any]:
-        """Neighbour-distance statistics and calibration for ``model``."""
+        """Neighbour-distance statistics and the fitted fusion model for ``model``."""
         return self._model_meta(model)
 
     def layout_reference(self) -> pd.DataFrame:
@@ -165,7 +165,7 @@ class Atlas:
                 {"label": lab, **{k: (v if not isinstance(v, float) or v == v else None) for k, v in row.items()}}
                 for lab, row in labels.iterrows()
             ],
-            "calibration": {m: self.meta["models"][m].get("calibration", {}).get("summary") for m in self.models},
+            "fusion": {m: self.meta["models"][m].get("fusion", {}).get("summary", {}).get("by_variant") for m in self.models},
             "provenance": self.meta.get("provenance", {}),
         }
 

@@ -197,7 +197,7 @@ def atlas_build(
     marker_labels: str = typer.Option("reference", help="'reference' or 'all' (add every curated marker-defined label)."),
     ontology_key: Optional[str] = typer.Option(None, help="obs column with Cell Ontology ids."),
     layer: Optional[str] = typer.Option(None, help="AnnData layer holding counts."),
-    calibrate_folds: int = typer.Option(5, help="Cross-validation folds for calibration (0 = skip)."),
+    fit_folds: int = typer.Option(5, help="Folds of held-out reference cells the fusion model and its calibration are fitted on (0 = unfitted defaults)."),
     layout: str = typer.Option("umap", help="2-D layout of the reference: umap or pca (fast)."),
     reference_kind: str = typer.Option(
         "cells", "--reference-kind", help="'cells', or 'profiles' for pseudo-cells sampled from averaged per-type profiles."
@@ -210,15 +210,16 @@ def atlas_build(
     name = name or reference.name.split(".")[0]
     atlas = build_atlas(
         reference, label_key, name=name, version=version, model=model, model_path=model_path, marker_labels=marker_labels,
-        ontology_key=ontology_key, layer=layer, calibrate_folds=calibrate_folds, layout=layout,
+        ontology_key=ontology_key, layer=layer, fit_folds=fit_folds, layout=layout,
         reference_kind=reference_kind, log=lambda m: err.print(f"[dim]{m}[/]"),
     )
     dest = output or get_settings().resolved_atlas_dir / name
     path = atlas.save(dest)
-    cal = atlas.meta["models"][model].get("calibration", {}).get("summary", {})
+    held = atlas.meta["models"][model].get("fusion", {}).get("summary", {}).get("by_variant", {}).get("as sent", {})
     out.print(f"wrote {path} ({path.stat().st_size / 1e6:.1f} MB): {len(atlas.reference_labels)} reference labels, "
-              f"{len(atlas.meta['candidates'])} candidates, {len(atlas.panel)} panel genes; "
-              f"held-out accuracy {cal.get('accuracy', float('nan')):.3f}, ECE {cal.get('ece', float('nan')):.3f}")
+              f"{len(atlas.meta['candidates'])} candidates, {len(atlas.panel)} panel genes; held-out calls: accuracy "
+              f"{held.get('accuracy', float('nan')):.3f}, mean confidence {held.get('mean_confidence', float('nan')):.3f}, "
+              f"ECE {held.get('ece', float('nan')):.3f}")
 
 
 @atlas_app.command("list")
@@ -239,7 +240,7 @@ def atlas_list():
 @atlas_app.command("info")
 @friendly
 def atlas_info(name: str = typer.Argument("human-core")):
-    """Show an atlas's labels, models, calibration and provenance."""
+    """Show an atlas's labels, models, fitted fusion model and provenance."""
     from cellatlas.atlas import load_atlas
 
     info = load_atlas(name).info()
@@ -251,7 +252,7 @@ def atlas_info(name: str = typer.Argument("human-core")):
     for lab in info["labels"]:
         t.add_row(lab["label"], str(lab.get("ontology_id") or ""), str(lab.get("parent") or ""), str(lab.get("n_cells", 0)), str(lab.get("source", "")))
     out.print(t)
-    out.print(f"calibration: {info['calibration']}")
+    out.print(f"fusion model, held-out calls: {info['fusion']}")
 
 
 @atlas_app.command("download")

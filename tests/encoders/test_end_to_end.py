@@ -106,7 +106,7 @@ def test_annotate_in_process_with_both_models(cli_atlas, split, env, scgpt_dir):
     assert res.gene_report["model_gene_coverage"] > 0
     assert np.allclose(np.linalg.norm(res.embedding, axis=1), 1, atol=1e-4)
 
-    atlas = build_atlas(ref, "cell_type", name="pbmc-sg", model="scgpt", model_path=scgpt_dir, calibrate_folds=0, layout="pca")
+    atlas = build_atlas(ref, "cell_type", name="pbmc-sg", model="scgpt", model_path=scgpt_dir, fit_folds=0, layout="pca")
     path = atlas.save(env / "atlases" / "pbmc-sg.atlas.npz")
     # the query's columns in another order: same calls, same order of cells
     perm = np.random.default_rng(0).permutation(query.n_vars)
