@@ -1,8 +1,14 @@
 """API keys, credits, usage records and idempotent replays, in one SQL database.
 
-Keys look like ``sk-ca-<43 url-safe characters>`` and are stored only as a
-SHA-256 hash (they are long random secrets, so a fast hash is sufficient);
-the stored and presented hashes are compared with :func:`hmac.compare_digest`.
+Keys look like ``sk-ca-<8 hex>_<43 url-safe characters>``: the first part is a public
+prefix (stored, shown by ``keys list``), the rest the secret. The database stores only
+``HMAC-SHA-256(server secret, SHA-256(key))`` (:func:`hash_key`), so a copy of the
+database alone cannot check guesses; the stored and presented hashes are compared with
+:func:`hmac.compare_digest`. The server secret is ``CELLATLAS_API_KEY_SECRET`` or a
+random value created once in ``CELLATLAS_HOME/api_key_secret`` (:func:`key_secret`).
+Databases from before (plain SHA-256, prefixes showing 4 secret characters) are
+migrated once, in one transaction, when a ledger opens them: the stored SHA-256 is
+wrapped in the HMAC and the prefix replaced (old keys keep working).
 
 Pricing: one credit per started block of ``cells_per_credit`` cells
 (default 1,000), so 1 cell costs 1 credit and 10,000 cells cost 10.
@@ -16,22 +22,28 @@ from __future__ import annotations
 import hashlib
 import hmac
 import math
+import os
 import secrets
+import time
 from dataclasses import dataclass, field
 from datetime import timedelta
+from pathlib import Path
 from typing import Any, Callable
 
 import zstandard
 from sqlalchemy import delete, func, insert, select, text, update
 from sqlalchemy.engine import Engine, make_url
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy.exc import IntegrityError, OperationalError
 
-from cellatlas.config import Settings
-from cellatlas.errors import AuthError, InputError, PaymentRequiredError
-from cellatlas.service.db import LOCAL_SCOPE, api_keys, idempotency, make_engine, normalise_url, usage, utcnow
+from cellatlas.config import Settings, get_settings
+from cellatlas.errors import AuthError, CellAtlasError, InputError, PaymentRequiredError
+from cellatlas.service.db import LOCAL_SCOPE, api_keys, idempotency, make_engine, meta, normalise_url, usage, utcnow
 from cellatlas.service.errors import IdempotencyKeyReusedError
 
 KEY_PREFIX = "sk-ca-"
+HASH_SCHEME = "hmac-sha256(sha256)-v1"
+LEGACY_PREFIX = KEY_PREFIX + "(legacy)"
+"""Stored prefix of keys created before prefixes were public (the old one showed secret characters)."""
 IDEMPOTENCY_TTL = timedelta(hours=24)
 _ZSTD_LEVEL = 3
 
@@ -101,9 +113,44 @@ class Charge:
         }
 
 
-def hash_key(api_key: str) -> str:
-    """SHA-256 hex digest of an API key (what the database stores)."""
-    return hashlib.sha256(api_key.encode("utf-8")).hexdigest()
+def hash_key(api_key: str, secret: bytes) -> str:
+    """What the database stores for a key: ``HMAC-SHA-256(secret, SHA-256 hex of the key)``.
+
+    The inner SHA-256 is what older databases stored, so they migrate without the keys.
+    """
+    return _wrap(hashlib.sha256(api_key.encode("utf-8", "surrogatepass")).hexdigest(), secret)
+
+
+def _wrap(sha256_hex: str, secret: bytes) -> str:
+    return hmac.new(secret, sha256_hex.encode("ascii"), hashlib.sha256).hexdigest()
+
+
+def _secret_check(secret: bytes) -> str:
+    return hmac.new(secret, b"cellatlas key secret check", hashlib.sha256).hexdigest()
+
+
+def key_secret(settings: Settings | None = None) -> bytes:
+    """The server secret for key hashes: ``CELLATLAS_API_KEY_SECRET``, else ``home/api_key_secret``
+    (created once, mode 0600, by whichever process needs it first)."""
+    settings = settings or get_settings()
+    if settings.api_key_secret is not None and settings.api_key_secret.get_secret_value():
+        return settings.api_key_secret.get_secret_value().encode("utf-8")
+    path = Path(settings.home) / "api_key_secret"
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        except FileExistsError:
+            pass
+        else:
+            with os.fdopen(fd, "w") as fh:
+                fh.write(secrets.token_urlsafe(32))
+    for _ in range(50):  # another process may be writing it right now
+        value = path.read_text().strip()
+        if value:
+            return value.encode("utf-8")
+        time.sleep(0.01)
+    raise CellAtlasError(f"The key secret file {path} is empty.", fix="Delete it (keys hashed with it stop working) or set CELLATLAS_API_KEY_SECRET.")
 
 
 class Ledger:
@@ -119,6 +166,8 @@ class Ledger:
         Credits granted to a new key.
     cells_per_credit
         Pricing: one credit per started block of this many cells.
+    secret
+        Server secret for key hashes (default: :func:`key_secret` of the process settings).
     """
 
     def __init__(
@@ -128,22 +177,62 @@ class Ledger:
         engine: Engine | None = None,
         free_credits: int = 500,
         cells_per_credit: int = 1000,
+        secret: bytes | str | None = None,
     ) -> None:
         if engine is None and database_url is None:
             raise ValueError("Ledger needs a database_url or an engine")
         self.engine = engine if engine is not None else make_engine(database_url)
         self.free_credits = int(free_credits)
         self.cells_per_credit = int(cells_per_credit)
+        secret = key_secret() if secret is None else secret
+        self._secret = secret.encode("utf-8") if isinstance(secret, str) else bytes(secret)
         self._zc = zstandard.ZstdCompressor(level=_ZSTD_LEVEL)
+        self._migrate_key_hashes()
 
     @classmethod
     def from_settings(cls, settings: Settings) -> "Ledger":
-        """Ledger on ``settings.resolved_database_url`` with the configured pricing."""
+        """Ledger on ``settings.resolved_database_url`` with the configured pricing and key secret."""
         return cls(
             settings.resolved_database_url,
             free_credits=settings.free_credits,
             cells_per_credit=settings.cells_per_credit,
+            secret=key_secret(settings),
         )
+
+    def hash_key(self, api_key: str) -> str:
+        """The stored form of ``api_key`` under this ledger's secret (:func:`hash_key`)."""
+        return hash_key(api_key, self._secret)
+
+    def _migrate_key_hashes(self) -> None:
+        """Record the hash scheme once; wrap plain SHA-256 rows of an older database in the HMAC.
+
+        The scheme row is inserted first in the same transaction, so of two processes
+        opening an old database at once exactly one rewrites the rows. A different
+        secret than the one the rows were hashed with is refused (every key would fail).
+        """
+        check = _secret_check(self._secret)
+        for attempt in range(20):
+            try:
+                with self.engine.begin() as conn:
+                    rows = dict(conn.execute(select(meta.c.key, meta.c.value)).all())
+                    if rows.get("key_hash_scheme") == HASH_SCHEME:
+                        if rows.get("key_secret_check") != check:
+                            raise CellAtlasError(
+                                "The API key secret differs from the one this database's keys were hashed with.",
+                                fix="Set CELLATLAS_API_KEY_SECRET (or CELLATLAS_HOME/api_key_secret) to the original secret; "
+                                "every server and `cellatlas keys` command on this database needs the same one.",
+                            )
+                        return
+                    conn.execute(insert(meta).values(key="key_hash_scheme", value=HASH_SCHEME))
+                    conn.execute(insert(meta).values(key="key_secret_check", value=check))
+                    for key_id, old in conn.execute(select(api_keys.c.id, api_keys.c.key_hash)).all():
+                        conn.execute(
+                            update(api_keys).where(api_keys.c.id == key_id).values(key_hash=_wrap(old, self._secret), prefix=LEGACY_PREFIX)
+                        )
+                return
+            except (IntegrityError, OperationalError):
+                time.sleep(0.05 * (attempt + 1))  # another process migrates or holds the lock: look again
+        raise CellAtlasError("Could not record the key-hash scheme in the ledger database.", fix="Check the database is writable.")
 
     @staticmethod
     def describe_url(url: str) -> str:
@@ -172,12 +261,13 @@ class Ledger:
         credits = self.free_credits if credits is None else int(credits)
         if credits < 0:
             raise InputError("Credits must be >= 0.", fix="Pass a non-negative number.", field="credits")
-        secret = KEY_PREFIX + secrets.token_urlsafe(32)
+        public = KEY_PREFIX + secrets.token_hex(4)
+        secret = f"{public}_{secrets.token_urlsafe(32)}"
         row = {
             "id": "key_" + secrets.token_hex(6),
             "name": name,
-            "prefix": secret[:10],
-            "key_hash": hash_key(secret),
+            "prefix": public,
+            "key_hash": self.hash_key(secret),
             "credits": credits,
             "created_at": utcnow(),
         }
@@ -232,7 +322,7 @@ class Ledger:
         fix = "Send `Authorization: Bearer sk-...` with a key from `cellatlas keys create`."
         if not api_key:
             raise AuthError("An API key is required.", fix=fix, field="Authorization")
-        presented = hash_key(api_key)
+        presented = self.hash_key(api_key)
         with self.engine.connect() as conn:
             row = conn.execute(select(api_keys).where(api_keys.c.key_hash == presented)).mappings().first()
         stored = row["key_hash"] if row is not None else "0" * 64
@@ -243,6 +333,22 @@ class Ledger:
         return Principal(key_id=row["id"], name=row["name"], credits=int(row["credits"]))
 
     # ---------------------------------------------------------------- charging
+    def empty_error(self, balance: int) -> PaymentRequiredError:
+        """402 for a key that cannot pay for a single cell (raised before the body is read)."""
+        return PaymentRequiredError(
+            f"Not enough credits: the key has {balance} and every request costs at least {self.price(1)}.",
+            fix="Top the key up (`cellatlas keys topup KEY_ID CREDITS`).",
+            field="Authorization",
+            details={"balance": balance, "price": self.price(1), "cells_per_credit": self.cells_per_credit},
+        )
+
+    def has_stored(self, key_id: str | None, idempotency_key: str) -> bool:
+        """Whether a response is stored for ``(key, Idempotency-Key)``."""
+        with self.engine.connect() as conn:
+            return conn.execute(
+                select(idempotency.c.idem_key).where(idempotency.c.scope == (key_id or LOCAL_SCOPE), idempotency.c.idem_key == idempotency_key)
+            ).first() is not None
+
     def check_balance(self, key_id: str | None, n_cells: int) -> int:
         """Raise :class:`PaymentRequiredError` now if the key cannot pay for ``n_cells``.
 
