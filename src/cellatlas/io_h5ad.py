@@ -62,7 +62,7 @@ def check_hdf5(f: Any, *, file_size: int, max_bytes: int, ratio: float) -> dict[
             n_objects += 1
             if n_objects > MAX_OBJECTS:
                 raise _refuse(f"The file holds more than {MAX_OBJECTS:,} HDF5 objects.")
-            child = f"{path.rstrip('/')}/{name}"
+            child = f"{path.rstrip('/')}/{name}".lstrip("/")
             try:
                 link = group.get(name, getlink=True)
             except Exception as e:  # noqa: BLE001 - h5py raises several types for odd link classes
