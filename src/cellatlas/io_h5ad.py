@@ -19,7 +19,7 @@ from typing import IO, Any, Callable
 
 import numpy as np
 
-from cellatlas.errors import InputError, PayloadTooLargeError
+from cellatlas.errors import CellAtlasError, InputError, PayloadTooLargeError
 
 MAX_OBJECTS = 100_000
 """Most groups, datasets and links a file may hold (metadata bombs)."""
@@ -50,6 +50,15 @@ def check_hdf5(f: Any, *, file_size: int, max_bytes: int, ratio: float) -> dict[
     ratio
         Most declared bytes per stored byte (plus 1 MiB).
     """
+    try:
+        return _walk(f, file_size=file_size, max_bytes=max_bytes, ratio=ratio)
+    except CellAtlasError:
+        raise
+    except Exception as e:  # noqa: BLE001 - a damaged file can fail anywhere in h5py
+        raise _refuse(f"The HDF5 file's metadata cannot be read ({type(e).__name__}: {str(e)[:200]}).") from None
+
+
+def _walk(f: Any, *, file_size: int, max_bytes: int, ratio: float) -> dict[str, int]:
     import h5py
 
     declared: dict[str, int] = {}
@@ -118,17 +127,20 @@ def _matrix_shape(f: Any, key: str) -> tuple[int, int] | None:
         if len(el.shape or ()) != 2:
             raise _refuse(f"'{key}' must be a 2-D matrix, got shape {el.shape}.", field=key)
         return int(el.shape[0]), int(el.shape[1])
-    shape = el.attrs.get("shape")
+    shape = np.asarray(el.attrs.get("shape", []))
     enc = el.attrs.get("encoding-type")
-    if enc not in ("csr_matrix", "csc_matrix") or shape is None or len(shape) != 2:
-        raise _refuse(f"'{key}' is not a dense array or a csr/csc sparse matrix (encoding-type {enc!r}).", field=key)
+    if enc not in ("csr_matrix", "csc_matrix") or shape.shape != (2,) or shape.dtype.kind not in "iu" or (shape < 0).any():
+        raise _refuse(f"'{key}' is not a dense array or a csr/csc sparse matrix with a shape of two non-negative integers "
+                      f"(encoding-type {enc!r}).", field=key)
     return int(shape[0]), int(shape[1])
 
 
 def _index_name(f: Any, group: str) -> str:
-    g = f[group]
-    name = g.attrs.get("_index")
-    if not isinstance(g, __import__("h5py").Group) or not isinstance(name, str) or name not in g:
+    import h5py
+
+    g = f.get(group)
+    name = g.attrs.get("_index") if isinstance(g, h5py.Group) else None
+    if not isinstance(name, str) or name not in g:
         raise _refuse(f"'{group}' has no index: the file was not written by anndata >= 0.7.",
                       fix="Re-save it with a current anndata (adata.write_h5ad), or send npz/JSON.")
     return f"{group}/{name}"
@@ -167,59 +179,65 @@ def read_h5ad_untrusted(
         ``X``, the layers named ``layer`` (or ``counts``/``raw_counts``), ``raw`` (``X`` and
         gene names), ``obs_names`` and ``var_names``; nothing else.
     """
-    import anndata as ad
     import h5py
-    import pandas as pd
-    from anndata.io import read_elem
 
     try:
         f = h5py.File(fileobj, "r")
     except Exception as e:  # noqa: BLE001 - not HDF5 / truncated
         raise _refuse(f"The body is not a readable HDF5 file ({type(e).__name__}: {e}).") from None
     with f:
-        declared = check_hdf5(f, file_size=file_size, max_bytes=max_bytes, ratio=ratio)
-        shape = _matrix_shape(f, "X")
-        if shape is None:
-            raise _refuse("The .h5ad has no 'X' matrix.", field="X")
-        n_obs, n_vars = shape
-        if n_vars > max_genes:
-            raise _too_big(f"The .h5ad declares {n_vars:,} genes; this server accepts at most {max_genes:,}.", "X",
-                           {"max_genes_per_request": max_genes, "n_genes": n_vars})
-        if n_obs > max_cells:
-            raise _too_big(f"The .h5ad holds {n_obs:,} cells; this server accepts at most {max_cells:,} per request.", "X",
-                           {"max_cells_per_request": max_cells, "n_cells": n_obs})
-        if check_cells is not None:
-            check_cells(n_obs)
-        wanted = ["X"]
-        layers = [layer] if layer is not None else [] if use_raw else ["counts", "raw_counts"]
-        layers = [name for name in layers if f"layers/{name}" in f]
-        wanted += [f"layers/{name}" for name in layers]
-        with_raw = use_raw is not False and "raw/X" in f
-        raw_index = _index_name(f, "raw/var") if with_raw else None
-        if with_raw:
-            wanted += ["raw/X", raw_index]
-        obs_index, var_index = _index_name(f, "obs"), _index_name(f, "var")
-        wanted += [obs_index, var_index]
-        for key in ["X", *(f"layers/{name}" for name in layers), *(["raw/X"] if with_raw else [])]:
-            rows = _matrix_shape(f, key)[0]
-            if rows != n_obs:
-                raise _refuse(f"'{key}' has {rows:,} rows but X has {n_obs:,}.", field=key)
-        total = sum(v for path, v in declared.items() if any(path == "/" + w or path.startswith("/" + w + "/") for w in wanted))
-        if total > max_bytes:
-            raise _too_big(f"The elements annotation reads declare {total:,} bytes, more than this server's limit of {max_bytes:,}.",
-                           "body", {"declared_bytes": total, "max_body_bytes": max_bytes})
         try:
-            obs = pd.DataFrame(index=pd.Index(np.asarray(read_elem(f[obs_index])).astype(str), dtype=object))
-            var = pd.DataFrame(index=pd.Index(np.asarray(read_elem(f[var_index])).astype(str), dtype=object))
-            if len(obs) != n_obs or len(var) != n_vars:
-                raise _refuse(f"obs/var hold {len(obs):,}/{len(var):,} names but X is {n_obs:,} x {n_vars:,}.")
-            adata = ad.AnnData(X=read_elem(f["X"]), obs=obs, var=var,
-                               layers={name: read_elem(f[f"layers/{name}"]) for name in layers})
-            if with_raw:
-                raw_var = pd.Index(np.asarray(read_elem(f[raw_index])).astype(str), dtype=object)
-                adata.raw = ad.AnnData(X=read_elem(f["raw/X"]), obs=pd.DataFrame(index=obs.index), var=pd.DataFrame(index=raw_var))
-        except (InputError, PayloadTooLargeError):
+            return _read_checked(f, max_cells=max_cells, max_genes=max_genes, max_bytes=max_bytes, ratio=ratio,
+                                 file_size=file_size, check_cells=check_cells, layer=layer, use_raw=use_raw)
+        except CellAtlasError:
             raise
         except Exception as e:  # noqa: BLE001 - anndata/h5py raise many types on damaged elements
             raise _refuse(f"The .h5ad could not be read ({type(e).__name__}: {str(e)[:200]}).") from None
+
+
+def _read_checked(f: Any, *, max_cells: int, max_genes: int, max_bytes: int, ratio: float, file_size: int,
+                  check_cells: Callable[[int], Any] | None, layer: str | None, use_raw: bool | None) -> Any:
+    import anndata as ad
+    import pandas as pd
+    from anndata.io import read_elem
+
+    declared = check_hdf5(f, file_size=file_size, max_bytes=max_bytes, ratio=ratio)
+    shape = _matrix_shape(f, "X")
+    if shape is None:
+        raise _refuse("The .h5ad has no 'X' matrix.", field="X")
+    n_obs, n_vars = shape
+    if n_vars > max_genes:
+        raise _too_big(f"The .h5ad declares {n_vars:,} genes; this server accepts at most {max_genes:,}.", "X",
+                       {"max_genes_per_request": max_genes, "n_genes": n_vars})
+    if n_obs > max_cells:
+        raise _too_big(f"The .h5ad holds {n_obs:,} cells; this server accepts at most {max_cells:,} per request.", "X",
+                       {"max_cells_per_request": max_cells, "n_cells": n_obs})
+    if check_cells is not None:
+        check_cells(n_obs)
+    wanted = ["X"]
+    layers = [layer] if layer is not None else [] if use_raw else ["counts", "raw_counts"]
+    layers = [name for name in layers if f"layers/{name}" in f]
+    wanted += [f"layers/{name}" for name in layers]
+    with_raw = use_raw is not False and "raw/X" in f
+    raw_index = _index_name(f, "raw/var") if with_raw else None
+    if with_raw:
+        wanted += ["raw/X", raw_index]
+    obs_index, var_index = _index_name(f, "obs"), _index_name(f, "var")
+    wanted += [obs_index, var_index]
+    for key in ["X", *(f"layers/{name}" for name in layers), *(["raw/X"] if with_raw else [])]:
+        rows = _matrix_shape(f, key)[0]
+        if rows != n_obs:
+            raise _refuse(f"'{key}' has {rows:,} rows but X has {n_obs:,}.", field=key)
+    total = sum(v for path, v in declared.items() if any(path == w or path.startswith(w + "/") for w in wanted))
+    if total > max_bytes:
+        raise _too_big(f"The elements annotation reads declare {total:,} bytes, more than this server's limit of {max_bytes:,}.",
+                       "body", {"declared_bytes": total, "max_body_bytes": max_bytes})
+    obs = pd.DataFrame(index=pd.Index(np.asarray(read_elem(f[obs_index])).astype(str), dtype=object))
+    var = pd.DataFrame(index=pd.Index(np.asarray(read_elem(f[var_index])).astype(str), dtype=object))
+    if len(obs) != n_obs or len(var) != n_vars:
+        raise _refuse(f"obs/var hold {len(obs):,}/{len(var):,} names but X is {n_obs:,} x {n_vars:,}.")
+    adata = ad.AnnData(X=read_elem(f["X"]), obs=obs, var=var, layers={name: read_elem(f[f"layers/{name}"]) for name in layers})
+    if with_raw:
+        raw_var = pd.Index(np.asarray(read_elem(f[raw_index])).astype(str), dtype=object)
+        adata.raw = ad.AnnData(X=read_elem(f["raw/X"]), obs=pd.DataFrame(index=obs.index), var=pd.DataFrame(index=raw_var))
     return adata

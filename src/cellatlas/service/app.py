@@ -101,7 +101,10 @@ def _include_web(app: FastAPI) -> None:
         from cellatlas.web import router as web_router
     except ImportError:
         return
-    app.include_router(web_router)
+    from cellatlas.service.schemas import error_responses
+
+    # What the workspace's session and run steps answer besides their own outcomes.
+    app.include_router(web_router, responses=error_responses(400, 401, 402, 404, 409, 413, 415, 422, 429))
 
 
 def error_response(err: CellAtlasError, request: Request | None = None) -> Response:

@@ -141,8 +141,8 @@ class _Member:
                 else:
                     raise ValueError(f"unsupported .npy format version {version}")
                 self.offset = fh.tell()
-        except (ValueError, OSError, EOFError, zipfile.BadZipFile, KeyError) as e:
-            raise InputError(f"npz array '{name}' has no readable .npy header ({e}).", fix=_NPZ_FIX, field=name) from None
+        except Exception as e:  # noqa: BLE001 - zipfile/zlib raise many types (BadZipFile, zlib.error, NotImplementedError, ...)
+            raise InputError(f"npz array '{name}' has no readable .npy header ({type(e).__name__}: {e}).", fix=_NPZ_FIX, field=name) from None
         if dtype.hasobject:
             raise InputError(f"npz array '{name}' holds Python objects (pickles are never loaded).", fix=_NPZ_FIX, field=name)
         self.shape, self.fortran, self.dtype = tuple(shape), fortran, dtype
@@ -169,8 +169,8 @@ class _Member:
             with self.zf.open(self.info) as fh:
                 fh.read(self.offset)
                 got = fh.readinto(buf)
-        except (ValueError, OSError, EOFError, zipfile.BadZipFile) as e:  # CRC mismatch, truncated deflate
-            raise InputError(f"npz array '{self.name}' cannot be read ({e}).", fix=_NPZ_FIX, field=self.name) from None
+        except Exception as e:  # noqa: BLE001 - CRC mismatch, truncated or invalid deflate, unsupported method
+            raise InputError(f"npz array '{self.name}' cannot be read ({type(e).__name__}: {e}).", fix=_NPZ_FIX, field=self.name) from None
         if got != self.nbytes:
             raise InputError(f"npz array '{self.name}' is truncated.", fix=_NPZ_FIX, field=self.name)
         arr = np.frombuffer(buf, dtype=self.dtype)
@@ -180,8 +180,8 @@ class _Member:
 def _parse_npz(fh: IO[bytes], limits: RequestLimits, archive_size: int) -> Parsed:
     try:
         zf = zipfile.ZipFile(fh)
-    except (zipfile.BadZipFile, ValueError, OSError, EOFError) as e:
-        raise InputError(f"The body is not a readable .npz archive: {e}.", fix=_NPZ_FIX, field="body") from None
+    except Exception as e:  # noqa: BLE001 - BadZipFile, ValueError, OSError, NotImplementedError, ...
+        raise InputError(f"The body is not a readable .npz archive ({type(e).__name__}: {e}).", fix=_NPZ_FIX, field="body") from None
     with zf:
         infos: dict[str, zipfile.ZipInfo] = {}
         for info in zf.infolist():
