@@ -15,6 +15,14 @@ from sqlalchemy import insert, select
 ANNOTATE = "/v1/singlecell/annotate"
 
 
+def run_async(coro):
+    """``asyncio.run`` in a fresh thread (a browser test may have left a loop running in this one)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(1) as ex:
+        return ex.submit(asyncio.run, coro).result()
+
+
 # ---------------------------------------------------------------- rate limits
 def test_failed_authentication_is_rate_limited_per_ip(make_client):
     tc, app = make_client(require_api_key=True, rate_limit_auth_failures_per_s=0.5, rate_limit_auth_failures_burst=5)
@@ -87,7 +95,7 @@ def test_decode_budget_is_429_with_retry_after_when_full(tmp_path):
         async with other.slot():  # released: free again
             assert other.in_use == 1
 
-    asyncio.run(main())
+    run_async(main())
     budget.close()
     other.close()
 
@@ -106,7 +114,7 @@ def test_decode_budget_queues_within_the_wait(tmp_path):
     async def main():
         await asyncio.gather(*(job(i) for i in range(4)))
 
-    asyncio.run(main())
+    run_async(main())
     assert sorted(order) == [0, 1, 2, 3]
     budget.close()
 
@@ -207,7 +215,7 @@ def test_expired_workspace_sessions_are_gone_at_once_and_swept(make_client, tmp_
         (d / "meta.json").write_text(json.dumps({"id": sid, "owner": None, "touched": touched, "stored_name": "x.h5ad"}))
     r = tc.get("/workspace/api/sessions/expired1")
     assert r.status_code == 404 and r.json()["error"]["code"] == "session_not_found"
-    removed = asyncio.run(housekeeping.sweep_workspace(app))
+    removed = run_async(housekeeping.sweep_workspace(app))
     assert sorted(removed) == ["expired2"] and sorted(p.name for p in store.root.iterdir()) == ["fresh"]
 
 

@@ -3,8 +3,8 @@
 HTML pages (the workspace, ``/docs``, ``/redoc``) get a Content-Security-Policy that
 allows only this origin's scripts, styles, images and connections (plus inline styles,
 which Plotly, Swagger UI and ReDoc set, ``blob:`` workers for ReDoc's search, and, on the
-workspace only, ``'unsafe-eval'``, which Plotly's WebGL scatter compiles its shaders
-with); every other response gets ``default-src 'none'``. All responses carry
+workspace only, ``'unsafe-eval'``: Plotly's WebGL scatter, through regl, builds its draw
+calls with ``Function``); every other response gets ``default-src 'none'``. All responses carry
 ``X-Frame-Options: DENY``, ``X-Content-Type-Options: nosniff`` and
 ``Referrer-Policy: no-referrer``. Headers a route set itself are kept.
 """
