@@ -80,13 +80,13 @@ class TokenBucket:
         return 0.0 if tokens >= 1 else (1 - tokens) / self.rate
 
 
-def limited(what: str, wait: float, rate: float, burst: int) -> RateLimitedError:
-    """The 429 error, with ``Retry-After`` rounded up to whole seconds."""
+def limited(limit: str, what: str, wait: float, rate: float, burst: int) -> RateLimitedError:
+    """The 429 error of bucket ``limit`` (``ip``, ``key``, ``auth_failures``), ``Retry-After`` rounded up."""
     retry = max(1, math.ceil(wait))
     return RateLimitedError(
         f"Too many {what}: at most {rate:g} per second (bursts of {burst}).",
         fix=f"Retry after {retry} s (the Python client waits for Retry-After by itself) or slow down.",
-        details={"retry_after": retry, "per_second": rate, "burst": burst},
+        details={"retry_after": retry, "limit": limit, "per_second": rate, "burst": burst},
     )
 
 
@@ -102,7 +102,7 @@ class RateLimits:
         """429 if this IP has used up its failed authentications."""
         wait = self.auth.peek(ip)
         if wait > 0:
-            raise limited("failed authentications from your address", wait, self.auth.rate, self.auth.burst)
+            raise limited("auth_failures", "failed authentications from your address", wait, self.auth.rate, self.auth.burst)
 
     def auth_failed(self, ip: str) -> None:
         """Count one failed authentication of this IP."""
@@ -112,7 +112,7 @@ class RateLimits:
         """Count one request of this key; 429 beyond its rate."""
         wait = self.key.take(key_id)
         if wait > 0:
-            raise limited("requests with this API key", wait, self.key.rate, self.key.burst)
+            raise limited("key", "requests with this API key", wait, self.key.rate, self.key.burst)
 
 
 def client_ip(scope) -> str:
@@ -136,7 +136,7 @@ class RateLimitMiddleware:
         if wait <= 0:
             await self.app(scope, receive, send)
             return
-        err = limited("requests from your address", wait, self.limits.ip.rate, self.limits.ip.burst)
+        err = limited("ip", "requests from your address", wait, self.limits.ip.rate, self.limits.ip.burst)
         body = orjson.dumps(err.to_dict())
         await send({
             "type": "http.response.start",
