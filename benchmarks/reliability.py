@@ -284,7 +284,7 @@ def section_load(home: Path, db_url: str | None, bodies, n_clients: int, seconds
         with sqlite3.connect(server.db_url.split("///", 1)[1]) as c:
             out["integrity_check"] = c.execute("PRAGMA integrity_check").fetchone()[0]
     else:
-        out["integrity_check"] = "n/a (PostgreSQL: ledger consistency below)"
+        out["integrity_check"] = "n/a (PostgreSQL)"
     led = out["ledger"]
     print(f"  {out['requests']} requests ({out['per_second']}/s), p50/p95/p99 {out['latency_all']}, final {out['final_status']}, "
           f"retried {out['retried_status']}, ledger diffs {led['diff_balance_vs_usage']}/{led['diff_usage_vs_clients']}, "
@@ -307,39 +307,47 @@ def section_fuzz(scale: float) -> dict:
 
 # ------------------------------------------------------------------ report
 def markdown(res: dict, command: str) -> str:
+    """The tables docs/reliability.md shows."""
     lines = [f"Command: `{command}` ({res['date']}, {res['machine']})", ""]
     if "bombs" in res:
-        lines += ["| bomb | body | key | status | code | peak RSS above idle | time |", "|---|---|---|---|---|---|---|"]
+        lines += ["| hostile body | sent | key | status | code | server peak RSS above idle | time |", "|---|---|---|---|---|---|---|"]
         lines += [f"| {r['bomb']} | {r['body_mb']} MB | {r['key']} | {r['status']} | {r['code']} | {r['peak_above_idle_mb']} MB | {r['seconds']} s |"
                   for r in res["bombs"]["rows"]]
         lines.append("")
-    for name in ("load_sqlite", "load_postgres", "kills_sqlite", "kills_postgres"):
-        r = res.get(name)
-        if not r:
-            continue
-        if "skipped" in r:
-            lines += [f"**{name}**: skipped ({r['skipped']})", ""]
-            continue
-        led = r["ledger"]
-        lines += [f"**{name}**: {r['clients']} clients, {r['seconds']} s, {r['requests']} requests ({r['per_second']}/s); "
-                  f"latency p50/p95/p99 all {r['latency_all']['p50_s']}/{r['latency_all']['p95_s']}/{r['latency_all']['p99_s']} s, "
-                  f"billed {r['latency_billed']['p50_s']}/{r['latency_billed']['p95_s']}/{r['latency_billed']['p99_s']} s, "
-                  f"free {r['latency_free']['p50_s']}/{r['latency_free']['p95_s']}/{r['latency_free']['p99_s']} s; "
-                  f"final statuses {r['final_status']}; retried on the way {r['retried_status']}; replayed {r['replayed']}; "
-                  f"kills {r['kills'] or 'none'}; ledger: balance vs usage {led['diff_balance_vs_usage']}, usage vs clients "
-                  f"{led['diff_usage_vs_clients']}, double charges {led['double_charges']}, charged but never delivered "
-                  f"{led['charged_but_never_delivered']} ({led['credits_spent']} credits, {led['usage_rows']} usage rows); "
-                  f"integrity {r['integrity_check']}; upload tmp leftovers {len(r['upload_tmp_leftovers'])}", ""]
+    runs = [(n, res[n]) for n in ("load_sqlite", "load_postgres", "kills_sqlite", "kills_postgres") if n in res]
+    if runs:
+        lines += ["| run | clients x s | requests (/s) | p50 / p95 / p99 all | billed | free | final statuses | retried on the way | "
+                  "kills (at s: restart s) | ledger diffs (balance-usage, usage-clients) | double charges | charged, never delivered | "
+                  "integrity | upload tmp leftovers |", "|" + "---|" * 14]
+        for name, r in runs:
+            if "skipped" in r:
+                lines.append(f"| {name} | skipped: {r['skipped']} |" + " |" * 12)
+                continue
+            led = r["ledger"]
+            lat = lambda k: "/".join(str(r[k][f"p{q}_s"]) for q in (50, 95, 99))  # noqa: E731
+            kills = ", ".join(f"{k['at_s']}: {k['restart_s']}" for k in r["kills"]) or "-"
+            lines.append(
+                f"| {name} | {r['clients']} x {r['seconds']:g} | {r['requests']} ({r['per_second']}) | {lat('latency_all')} s | "
+                f"{lat('latency_billed')} s | {lat('latency_free')} s | {r['final_status']} | {r['retried_status'] or '-'} | {kills} | "
+                f"{led['diff_balance_vs_usage']}, {led['diff_usage_vs_clients']} ({led['credits_spent']} credits, {led['usage_rows']} rows) | "
+                f"{led['double_charges']} | {led['charged_but_never_delivered']} | {r['integrity_check']} | {len(r['upload_tmp_leftovers'])} |")
+        lines.append("")
     if "rates" in res:
-        lines.append(f"**rate limits** (defaults {res['rates']['defaults']}): " + "; ".join(
-            f"{k}: {v['requests']} requests in {v['seconds']} s -> {v['status']}, first 429 at #{v['first_429_at']}"
-            + (f", valid key right after: {v['valid_key_right_after']} (Retry-After {v['retry_after_s']} s)" if "valid_key_right_after" in v else "")
-            for k, v in res["rates"].items() if k != "defaults"))
+        d = res["rates"]["defaults"]
+        lines += [f"Rate limits at their defaults (per IP {d['ip'][0]:g}/s burst {d['ip'][1]}, per key {d['key'][0]:g}/s burst "
+                  f"{d['key'][1]}, failed auth per IP {d['auth_failures'][0]:g}/s burst {d['auth_failures'][1]}):", "",
+                  "| scenario | requests | seconds | answers | first 429 at | then |", "|---|---|---|---|---|---|"]
+        for k, v in res["rates"].items():
+            if k == "defaults":
+                continue
+            then = (f"a valid key right after: {v['valid_key_right_after']} (Retry-After {v['retry_after_s']} s)" if "valid_key_right_after" in v
+                    else f"/healthz during: {v['healthz_during']}" if "healthz_during" in v else "")
+            lines.append(f"| {k} | {v['requests']} | {v['seconds']} | {v['status']} | #{v['first_429_at']} | {then} |")
         lines.append("")
     if "fuzz" in res:
         f = res["fuzz"]
-        lines += [f"**fuzz**: {f['decoder_cases']} decoder cases + schemathesis at {f['schemathesis_examples_per_operation']} examples "
-                  f"per operation: {f['pytest']}", ""]
+        lines += [f"Fuzz: {f['decoder_cases']:,} generated decoder cases (JSON, npz, h5ad, over HTTP) and schemathesis at "
+                  f"{f['schemathesis_examples_per_operation']} examples per operation: `{f['pytest']}`", ""]
     return "\n".join(lines)
 
 
@@ -351,12 +359,18 @@ def main() -> int:
     ap.add_argument("--fuzz-scale", type=float, default=5)
     ap.add_argument("--postgres-url")
     ap.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results")
+    ap.add_argument("--render", action="store_true", help="only re-render the .md from the .json in --out")
     args = ap.parse_args()
+    if args.render:
+        res = json.loads((args.out / "reliability_service.json").read_text())
+        print(markdown(res, res.get("command", "python benchmarks/reliability.py")))
+        return 0
     sections = args.sections.split(",")
     from benchmarks.service import pbmc_like
 
     X, genes = pbmc_like(3000, seed=1)
-    res: dict = {"date": time.strftime("%Y-%m-%d"), "machine": f"{os.cpu_count()} CPUs, {sys.platform}"}
+    res: dict = {"date": time.strftime("%Y-%m-%d"), "machine": f"{os.cpu_count()} CPUs, {sys.platform}",
+                 "command": " ".join(["python benchmarks/reliability.py", *sys.argv[1:]])}
     with tempfile.TemporaryDirectory(prefix="cellatlas-reliability-") as tmp:
         tmp = Path(tmp)
         if "bombs" in sections:
@@ -381,7 +395,7 @@ def main() -> int:
             res["fuzz"] = section_fuzz(args.fuzz_scale)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "reliability_service.json").write_text(json.dumps(res, indent=1))
-    md = markdown(res, "python benchmarks/reliability.py " + " ".join(sys.argv[1:]))
+    md = markdown(res, res["command"])
     (args.out / "reliability_service.md").write_text(md + "\n")
     print("\n" + md)
     return 0

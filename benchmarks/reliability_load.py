@@ -37,7 +37,7 @@ class Outcome:
     idem: str | None = None
     charged: int = 0
     replayed: bool = False
-    transient: list[int] = field(default_factory=list)
+    transient: list[str] = field(default_factory=list)
 
 
 def payloads(X, genes, seed: int = 0, variants: int = 6) -> dict[str, list[tuple[bytes, dict]]]:
@@ -91,13 +91,13 @@ def _one(http, kind: str, bodies, rng: random.Random) -> Outcome:
                 method, path = kind.split(" ", 1)
                 r = http.request(method, path, params={"reference_atlas": "human-core"} if path.endswith("markers") else None)
         except httpx.TransportError:
-            transient.append(0)  # connection refused/reset: the server is restarting
+            transient.append("connection error")  # refused/reset: the server is restarting
             if time.perf_counter() - t0 > GIVE_UP_S:
                 return Outcome(kind, -1, time.perf_counter() - t0, attempts, idem, transient=transient)
             time.sleep(min(2.0, 0.2 * attempts) * (0.5 + rng.random()))
             continue
         if r.status_code == 429 or r.status_code >= 500:
-            transient.append(r.status_code)
+            transient.append(_why(r))
             if time.perf_counter() - t0 > GIVE_UP_S:
                 return Outcome(kind, r.status_code, time.perf_counter() - t0, attempts, idem, transient=transient)
             time.sleep(float(r.headers.get("retry-after", 1)) * (0.5 + rng.random()))
@@ -105,6 +105,16 @@ def _one(http, kind: str, bodies, rng: random.Random) -> Outcome:
         charged = int(r.headers.get("x-credits-charged", 0)) if r.status_code == 200 else 0
         return Outcome(kind, r.status_code, time.perf_counter() - t0, attempts, idem, charged,
                        r.headers.get("idempotent-replayed") == "true", transient)
+
+
+def _why(r) -> str:
+    """``"429 server_busy"``, ``"429 rate_limited key"``, ``"503"``...: what a retried answer was."""
+    try:
+        err = r.json()["error"]
+    except Exception:  # noqa: BLE001 - not our JSON error body
+        return str(r.status_code)
+    limit = (err.get("details") or {}).get("limit")
+    return f"{r.status_code} {err.get('code')}" + (f" {limit}" if limit else "")
 
 
 def run_load(url: str, keys: list[str], bodies, n_clients: int, seconds: float, seed: int = 0) -> list[Outcome]:
@@ -147,7 +157,7 @@ def summarise(results: list[Outcome], seconds: float) -> dict:
         "latency_billed": pct([r.seconds for r in ok if r.route in BILLED]),
         "latency_free": pct([r.seconds for r in ok if r.route not in BILLED]),
         "final_status": dict(sorted(Counter(str(r.status) for r in results).items())),
-        "retried_status": dict(sorted(Counter(str(s) for r in results for s in r.transient).items())),
+        "retried_status": dict(sorted(Counter(s for r in results for s in r.transient).items())),
         "by_route": dict(sorted(Counter(r.route for r in results).items())),
         "replayed": sum(r.replayed for r in results),
     }

@@ -332,7 +332,7 @@ class DecodeBudget:
         self._fds: list[int] = []
         if lock_dir is not None:
             try:
-                import fcntl  # noqa: F401  (POSIX only)
+                import fcntl  # noqa: F401  (POSIX only: without it the budget is per process)
 
                 Path(lock_dir).mkdir(parents=True, exist_ok=True)
                 self._fds = [os.open(Path(lock_dir) / f"decode-slot-{i}.lock", os.O_RDWR | os.O_CREAT, 0o600) for i in range(self.slots)]

@@ -19,31 +19,26 @@ concurrent requests can never overdraw a key or be charged twice.
 
 from __future__ import annotations
 
-import hashlib
 import hmac
 import math
-import os
 import secrets
-import time
 from dataclasses import dataclass, field
 from datetime import timedelta
-from pathlib import Path
 from typing import Any, Callable
 
 import zstandard
 from sqlalchemy import delete, func, insert, select, text, update
 from sqlalchemy.engine import Engine, make_url
-from sqlalchemy.exc import IntegrityError, OperationalError
+from sqlalchemy.exc import IntegrityError
 
-from cellatlas.config import Settings, get_settings
-from cellatlas.errors import AuthError, CellAtlasError, InputError, PaymentRequiredError
-from cellatlas.service.db import LOCAL_SCOPE, api_keys, idempotency, make_engine, meta, normalise_url, usage, utcnow
+from cellatlas.config import Settings
+from cellatlas.errors import AuthError, InputError, PaymentRequiredError
+from cellatlas.service.db import LOCAL_SCOPE, api_keys, idempotency, make_engine, normalise_url, usage, utcnow
 from cellatlas.service.errors import IdempotencyKeyReusedError
+from cellatlas.service.keys import KEY_PREFIX, LEGACY_PREFIX, hash_key, key_secret, migrate_key_hashes, new_key
 
-KEY_PREFIX = "sk-ca-"
-HASH_SCHEME = "hmac-sha256(sha256)-v1"
-LEGACY_PREFIX = KEY_PREFIX + "(legacy)"
-"""Stored prefix of keys created before prefixes were public (the old one showed secret characters)."""
+__all__ = ["Charge", "KeyInfo", "Ledger", "Principal", "KEY_PREFIX", "LEGACY_PREFIX", "hash_key", "key_secret"]
+
 IDEMPOTENCY_TTL = timedelta(hours=24)
 _ZSTD_LEVEL = 3
 
@@ -113,46 +108,6 @@ class Charge:
         }
 
 
-def hash_key(api_key: str, secret: bytes) -> str:
-    """What the database stores for a key: ``HMAC-SHA-256(secret, SHA-256 hex of the key)``.
-
-    The inner SHA-256 is what older databases stored, so they migrate without the keys.
-    """
-    return _wrap(hashlib.sha256(api_key.encode("utf-8", "surrogatepass")).hexdigest(), secret)
-
-
-def _wrap(sha256_hex: str, secret: bytes) -> str:
-    return hmac.new(secret, sha256_hex.encode("ascii"), hashlib.sha256).hexdigest()
-
-
-def _secret_check(secret: bytes) -> str:
-    return hmac.new(secret, b"cellatlas key secret check", hashlib.sha256).hexdigest()
-
-
-def key_secret(settings: Settings | None = None) -> bytes:
-    """The server secret for key hashes: ``CELLATLAS_API_KEY_SECRET``, else ``home/api_key_secret``
-    (created once, mode 0600, by whichever process needs it first)."""
-    settings = settings or get_settings()
-    if settings.api_key_secret is not None and settings.api_key_secret.get_secret_value():
-        return settings.api_key_secret.get_secret_value().encode("utf-8")
-    path = Path(settings.home) / "api_key_secret"
-    if not path.exists():
-        path.parent.mkdir(parents=True, exist_ok=True)
-        try:
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        except FileExistsError:
-            pass
-        else:
-            with os.fdopen(fd, "w") as fh:
-                fh.write(secrets.token_urlsafe(32))
-    for _ in range(50):  # another process may be writing it right now
-        value = path.read_text().strip()
-        if value:
-            return value.encode("utf-8")
-        time.sleep(0.01)
-    raise CellAtlasError(f"The key secret file {path} is empty.", fix="Delete it (keys hashed with it stop working) or set CELLATLAS_API_KEY_SECRET.")
-
-
 class Ledger:
     """Keys, credits and usage in a SQL database.
 
@@ -187,7 +142,7 @@ class Ledger:
         secret = key_secret() if secret is None else secret
         self._secret = secret.encode("utf-8") if isinstance(secret, str) else bytes(secret)
         self._zc = zstandard.ZstdCompressor(level=_ZSTD_LEVEL)
-        self._migrate_key_hashes()
+        migrate_key_hashes(self.engine, self._secret)
 
     @classmethod
     def from_settings(cls, settings: Settings) -> "Ledger":
@@ -198,41 +153,6 @@ class Ledger:
             cells_per_credit=settings.cells_per_credit,
             secret=key_secret(settings),
         )
-
-    def hash_key(self, api_key: str) -> str:
-        """The stored form of ``api_key`` under this ledger's secret (:func:`hash_key`)."""
-        return hash_key(api_key, self._secret)
-
-    def _migrate_key_hashes(self) -> None:
-        """Record the hash scheme once; wrap plain SHA-256 rows of an older database in the HMAC.
-
-        The scheme row is inserted first in the same transaction, so of two processes
-        opening an old database at once exactly one rewrites the rows. A different
-        secret than the one the rows were hashed with is refused (every key would fail).
-        """
-        check = _secret_check(self._secret)
-        for attempt in range(20):
-            try:
-                with self.engine.begin() as conn:
-                    rows = dict(conn.execute(select(meta.c.key, meta.c.value)).all())
-                    if rows.get("key_hash_scheme") == HASH_SCHEME:
-                        if rows.get("key_secret_check") != check:
-                            raise CellAtlasError(
-                                "The API key secret differs from the one this database's keys were hashed with.",
-                                fix="Set CELLATLAS_API_KEY_SECRET (or CELLATLAS_HOME/api_key_secret) to the original secret; "
-                                "every server and `cellatlas keys` command on this database needs the same one.",
-                            )
-                        return
-                    conn.execute(insert(meta).values(key="key_hash_scheme", value=HASH_SCHEME))
-                    conn.execute(insert(meta).values(key="key_secret_check", value=check))
-                    for key_id, old in conn.execute(select(api_keys.c.id, api_keys.c.key_hash)).all():
-                        conn.execute(
-                            update(api_keys).where(api_keys.c.id == key_id).values(key_hash=_wrap(old, self._secret), prefix=LEGACY_PREFIX)
-                        )
-                return
-            except (IntegrityError, OperationalError):
-                time.sleep(0.05 * (attempt + 1))  # another process migrates or holds the lock: look again
-        raise CellAtlasError("Could not record the key-hash scheme in the ledger database.", fix="Check the database is writable.")
 
     @staticmethod
     def describe_url(url: str) -> str:
@@ -255,14 +175,17 @@ class Ledger:
             raise ValueError("n_cells must be >= 0")
         return math.ceil(n_cells / self.cells_per_credit)
 
+    def hash_key(self, api_key: str) -> str:
+        """The stored form of ``api_key`` under this ledger's secret (:func:`hash_key`)."""
+        return hash_key(api_key, self._secret)
+
     # -------------------------------------------------------------------- keys
     def create_key(self, name: str, credits: int | None = None) -> tuple[str, KeyInfo]:
         """Create a key; returns ``(secret, info)``. The secret is shown only here."""
         credits = self.free_credits if credits is None else int(credits)
         if credits < 0:
             raise InputError("Credits must be >= 0.", fix="Pass a non-negative number.", field="credits")
-        public = KEY_PREFIX + secrets.token_hex(4)
-        secret = f"{public}_{secrets.token_urlsafe(32)}"
+        public, secret = new_key()
         row = {
             "id": "key_" + secrets.token_hex(6),
             "name": name,
