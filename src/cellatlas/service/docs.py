@@ -34,36 +34,35 @@ def asset_path(name: str) -> Path:
     return _OWN / name if package is None else Path(str(files(package) / "static" / name))
 
 
-def _page(title: str, head: str, body: str) -> HTMLResponse:
+_PAGES = {
+    "Swagger UI": ('<link rel="stylesheet" href="/docs/assets/swagger-ui.css">',
+                   '<body data-openapi="{spec}"><div id="swagger-ui"></div><script src="/docs/assets/swagger-ui-bundle.js"></script>'
+                   '<script src="/docs/assets/swagger-init.js"></script></body>'),
+    "ReDoc": ("<style>body{{margin:0;padding:0}}</style>",
+              '<body><redoc spec-url="{spec}"></redoc><script src="/docs/assets/redoc.standalone.js"></script></body>'),
+}
+
+
+def _page(request: Request, kind: str) -> HTMLResponse:
+    head, body = _PAGES[kind]
+    spec = html.escape(request.app.openapi_url or "/openapi.json")
     return HTMLResponse(
-        f"<!doctype html><html lang=\"en\"><head><meta charset=\"utf-8\"><title>{html.escape(title)}</title>"
+        f"<!doctype html><html lang=\"en\"><head><meta charset=\"utf-8\"><title>{html.escape(request.app.title)} - {kind}</title>"
         f"<meta name=\"viewport\" content=\"width=device-width, initial-scale=1\">"
-        f"<link rel=\"icon\" href=\"/docs/assets/favicon.png\">{head}</head>{body}</html>"
+        f"<link rel=\"icon\" href=\"/docs/assets/favicon.png\">{head.format()}</head>{body.format(spec=spec)}</html>"
     )
 
 
 @router.get("/docs")
 def swagger_ui(request: Request) -> HTMLResponse:
     """Swagger UI for ``/openapi.json``."""
-    title = f"{request.app.title} - Swagger UI"
-    return _page(
-        title,
-        '<link rel="stylesheet" href="/docs/assets/swagger-ui.css">',
-        f'<body data-openapi="{html.escape(request.app.openapi_url or "/openapi.json")}"><div id="swagger-ui"></div>'
-        '<script src="/docs/assets/swagger-ui-bundle.js"></script><script src="/docs/assets/swagger-init.js"></script></body>',
-    )
+    return _page(request, "Swagger UI")
 
 
 @router.get("/redoc")
 def redoc(request: Request) -> HTMLResponse:
     """ReDoc for ``/openapi.json``."""
-    title = f"{request.app.title} - ReDoc"
-    return _page(
-        title,
-        "<style>body{margin:0;padding:0}</style>",
-        f'<body><redoc spec-url="{html.escape(request.app.openapi_url or "/openapi.json")}"></redoc>'
-        '<script src="/docs/assets/redoc.standalone.js"></script></body>',
-    )
+    return _page(request, "ReDoc")
 
 
 @router.get("/docs/assets/{name}")
