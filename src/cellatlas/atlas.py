@@ -256,14 +256,17 @@ def resolve_atlas_path(name_or_path: str | Path, settings: Settings | None = Non
     """Path of an installed atlas by name/alias, or (``allow_paths``) an explicit file path.
 
     Installed names win over same-named files. With ``allow_paths=False`` (the HTTP doors) only
-    installed names and aliases resolve and the given string never touches the filesystem, so a
-    missing file and a forbidden path read the same.
+    installed names, aliases and the exact paths of installed files resolve, and the given string
+    never touches the filesystem, so a missing file and a forbidden path read the same.
     """
     settings = settings or get_settings()
     key = ALIASES.get(str(name_or_path), str(name_or_path))
     installed = _installed(settings)
     if key in installed:
         return installed[key]
+    exact = next((p for p in installed.values() if str(name_or_path) in (str(p), str(p.absolute()))), None)
+    if exact is not None:
+        return exact
     if allow_paths:
         p = Path(str(name_or_path)).expanduser()
         if p.suffix == ".npz" or _exists(p):

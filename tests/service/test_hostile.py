@@ -127,13 +127,19 @@ def test_atlas_paths_over_http_are_unknown_names(make_client, name):
     _error(tc.get("/v1/singlecell/markers", params={"reference_atlas": name}), 404, "unknown_atlas")
 
 
-def test_an_npz_file_on_the_server_is_not_loaded_as_an_atlas(make_client):
+def test_an_npz_file_on_the_server_is_not_loaded_as_an_atlas(make_client, tmp_path):
+    import shutil
+
     from cellatlas.atlas import BUILTIN_DIR
 
-    real = next(BUILTIN_DIR.glob("*.atlas.npz"))
+    elsewhere = tmp_path / "elsewhere" / "copy.atlas.npz"  # a valid atlas file outside the atlas directories
+    elsewhere.parent.mkdir()
+    shutil.copy(next(BUILTIN_DIR.glob("human-core.atlas.npz")), elsewhere)
     tc, _ = make_client(require_api_key=False)
-    _error(tc.post(ANNOTATE, json=_tiny(reference_atlas=str(real))), 404, "unknown_atlas")
-    _error(tc.get("/v1/singlecell/markers", params={"reference_atlas": str(real)}), 404, "unknown_atlas")
+    _error(tc.post(ANNOTATE, json=_tiny(reference_atlas=str(elsewhere))), 404, "unknown_atlas")
+    _error(tc.get("/v1/singlecell/markers", params={"reference_atlas": str(elsewhere)}), 404, "unknown_atlas")
+    installed = str(next(BUILTIN_DIR.glob("human-core.atlas.npz")))  # the exact path of an installed file is its name
+    assert tc.get("/v1/singlecell/markers", params={"reference_atlas": installed}).status_code == 200
 
 
 def test_atlas_files_in_the_servers_own_directory_are_names(make_client, tmp_path):
