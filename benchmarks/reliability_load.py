@@ -40,8 +40,10 @@ class Outcome:
     transient: list[str] = field(default_factory=list)
 
 
-def payloads(X, genes, seed: int = 0, variants: int = 6) -> dict[str, list[tuple[bytes, dict]]]:
-    """Pre-encoded bodies per billed kind (several cell subsets each), so clients spend no CPU on encoding."""
+def payloads(X, genes, seed: int = 0, variants: int = 6, n_cells: int | None = None) -> dict[str, list[tuple[bytes, dict]]]:
+    """Pre-encoded bodies per billed kind (several cell subsets each), so clients spend no CPU on encoding.
+
+    ``n_cells`` overrides the per-kind cell counts (100 JSON, 300 npz, 200 embed, 100 markers)."""
     import orjson
     import scipy.sparse as sp
 
@@ -62,7 +64,7 @@ def payloads(X, genes, seed: int = 0, variants: int = 6) -> dict[str, list[tuple
                                         "data": M.data.tolist(), "shape": list(M.shape)}})
 
     for _ in range(variants):
-        rows = lambda n: np.sort(rng.choice(X.shape[0], n, replace=False))  # noqa: E731
+        rows = lambda n: np.sort(rng.choice(X.shape[0], n_cells or n, replace=False))  # noqa: E731
         out["annotate_json"].append((js(X[rows(100)]), {"Content-Type": "application/json"}))
         out["annotate_npz"].append((npz(X[rows(300)]), {"Content-Type": "application/x-npz", "Accept": "application/x-npz"}))
         out["embed_npz"].append((npz(X[rows(200)]), {"Content-Type": "application/x-npz"}))
