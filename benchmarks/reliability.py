@@ -366,6 +366,7 @@ def main() -> int:
     ap.add_argument("--postgres-url")
     ap.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results")
     ap.add_argument("--render", action="store_true", help="only re-render the .md from the .json in --out")
+    ap.add_argument("--merge", action="store_true", help="update the sections run in an existing .json instead of replacing it")
     args = ap.parse_args()
     if args.render:
         res = json.loads((args.out / "reliability_service.json").read_text())
@@ -400,7 +401,10 @@ def main() -> int:
             print("fuzz:")
             res["fuzz"] = section_fuzz(args.fuzz_scale)
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "reliability_service.json").write_text(json.dumps(res, indent=1))
+    path = args.out / "reliability_service.json"
+    if args.merge and path.exists():
+        res = {**json.loads(path.read_text()), **res, "command": "python benchmarks/reliability.py (sections merged from several runs)"}
+    path.write_text(json.dumps(res, indent=1))
     md = markdown(res, res["command"])
     (args.out / "reliability_service.md").write_text(md + "\n")
     print("\n" + md)

@@ -81,13 +81,13 @@ def _one(http, kind: str, bodies, rng: random.Random) -> Outcome:
 
     billed = kind in BILLED
     idem = str(uuid.uuid4()) if billed else None
+    body, headers = rng.choice(bodies[kind]) if billed else (None, None)  # a retry resends the same bytes
     t0 = time.perf_counter()
     attempts, transient = 0, []
     while True:
         attempts += 1
         try:
             if billed:
-                body, headers = rng.choice(bodies[kind])
                 r = http.post(_ROUTES[kind], content=body, headers={**headers, "Idempotency-Key": idem})
             else:
                 method, path = kind.split(" ", 1)
