@@ -164,17 +164,15 @@ class _Member:
                              fix=_NPZ_FIX, field=self.name)
 
     def read(self) -> np.ndarray:
-        buf = bytearray(self.nbytes)
+        """The array (numpy's reader: allocates the size checked above, reads in chunks)."""
         try:
             with self.zf.open(self.info) as fh:
-                fh.read(self.offset)
-                got = fh.readinto(buf)
+                arr = np.lib.format.read_array(fh, allow_pickle=False)
         except Exception as e:  # noqa: BLE001 - CRC mismatch, truncated or invalid deflate, unsupported method
             raise InputError(f"npz array '{self.name}' cannot be read ({type(e).__name__}: {e}).", fix=_NPZ_FIX, field=self.name) from None
-        if got != self.nbytes:
-            raise InputError(f"npz array '{self.name}' is truncated.", fix=_NPZ_FIX, field=self.name)
-        arr = np.frombuffer(buf, dtype=self.dtype)
-        return arr.reshape(self.shape, order="F" if self.fortran else "C")
+        if arr.shape != self.shape or arr.dtype != self.dtype:  # the header cannot change between two reads
+            raise InputError(f"npz array '{self.name}' changed while it was read.", fix=_NPZ_FIX, field=self.name)
+        return arr
 
 
 def _parse_npz(fh: IO[bytes], limits: RequestLimits, archive_size: int) -> Parsed:
