@@ -87,7 +87,7 @@ def iter_chunks(n: int, size: int | None = None) -> Iterator[slice]:
 
 
 # --------------------------------------------------------------------------- reading
-def read(path: str | Path, fmt: str | None = None) -> Any:
+def read(path: str | Path, fmt: str | None = None, *, untrusted: bool = False) -> Any:
     """Read a single-cell file into an AnnData (values as stored in the file).
 
     Parameters
@@ -103,6 +103,10 @@ def read(path: str | Path, fmt: str | None = None) -> Any:
         Force a format (``"h5ad"``, ``"10x_h5"``, ``"mtx"``, ``"zip"``, ``"csv"``,
         ``"tsv"``) when the file name carries no usable suffix (e.g. uploads).
         Without it the suffix decides, then the file's leading bytes.
+    untrusted
+        The file came from someone else (an upload): HDF5 files with links to other files,
+        external storage, virtual datasets or datasets declaring more than the data
+        justifies are refused before any reader opens them (:func:`cellatlas.io_h5ad.check_hdf5`).
 
     Returns
     -------
@@ -120,7 +124,7 @@ def read(path: str | Path, fmt: str | None = None) -> Any:
     """
     from cellatlas.io_readers import read_any
 
-    adata = read_any(Path(path), fmt)
+    adata = read_any(Path(path), fmt, untrusted)
     for note in adata.uns["cellatlas_io"].get("notes", []):
         warnings.warn(f"{Path(path).name}: {note}", UserWarning, stacklevel=2)
     return adata

@@ -77,6 +77,14 @@ idempotency = Table(
 )
 Index("ix_cellatlas_idempotency_created", idempotency.c.created_at)
 
+meta = Table(
+    "cellatlas_meta",
+    metadata,
+    Column("key", String(64), primary_key=True),
+    Column("value", String(256), nullable=False),
+)
+"""Ledger facts: the key-hash scheme and a check value of the server secret it uses."""
+
 
 def utcnow() -> datetime:
     """Timezone-aware current time (UTC)."""
