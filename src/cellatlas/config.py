@@ -64,6 +64,9 @@ class Settings(BaseSettings):
     has no embedding for it) runs on this model instead, and the response says so
     (``provenance.model_used`` / ``model_requested``, a ``warnings`` entry, ``X-Model-Used``).
     Empty: refuse with 409, as ``strict_models`` does."""
+    workspace_warm_up: bool = True
+    """Warm the engine (gene tables, atlas, UMAP compilation) in a background thread when the
+    workspace page first loads; off in the test suite, where such a thread would outlive its test."""
     strict_models: bool = False
     """Refuse (409 ``model_unavailable``) a request for a model that cannot run here instead of
     answering with ``fallback_model``."""

@@ -167,7 +167,8 @@ def config(request: Request) -> Response:
     """Whether keys are required, the models and atlases on offer, limits and bands."""
     s = _settings(request)
     choices = engine.choices(s)
-    engine.warm_up(s, choices["default_atlas"])
+    if s.workspace_warm_up:
+        engine.warm_up(s, choices["default_atlas"])
     return _json(
         {
             "require_api_key": bool(s.require_api_key),
