@@ -150,13 +150,21 @@ def _int_array(values: Any, field: str) -> np.ndarray:
 
 
 # --------------------------------------------------------------------------- values
+def sample_index(n: int) -> np.ndarray:
+    """The rows (increasing) that value detection reads of an ``n``-row matrix: up to 2000, evenly spread.
+
+    A dataset read in blocks is judged on these same rows, so it is converted as the
+    whole matrix in memory would be.
+    """
+    return np.unique(np.linspace(0, n - 1, min(n, _DETECT_ROWS)).astype(np.int64))
+
+
 def _sample_rows(X: Any) -> sp.csr_matrix:
     """Up to ``_DETECT_ROWS`` rows spread evenly over ``X``, as float32 CSR."""
     X = as_matrix_like(X)
     if len(X.shape) != 2 or X.shape[0] == 0 or np.dtype(X.dtype).kind not in "biuf":
         return sp.csr_matrix((0, 0), dtype=np.float32)
-    n = X.shape[0]
-    idx = np.unique(np.linspace(0, n - 1, min(n, _DETECT_ROWS)).astype(np.int64))
+    idx = sample_index(X.shape[0])
     if sp.issparse(X) and X.format not in ("csr", "csc"):
         X = sp.csr_matrix(X)
     sub = X[idx]

@@ -52,11 +52,7 @@ class Query:
 
     def plan(self, gene_cols: np.ndarray) -> ColumnPlan:
         """How to read the symbols at positions ``gene_cols`` of :attr:`genes` from the input columns."""
-        to_out = np.full(len(self.genes), -1, dtype=np.int64)
-        to_out[np.asarray(gene_cols, dtype=np.int64)] = np.arange(len(gene_cols))
-        mapped = self.colmap >= 0
-        colmap = np.where(mapped, to_out[np.where(mapped, self.colmap, 0)], -1)
-        return ColumnPlan.from_colmap(colmap, len(gene_cols))
+        return column_plan(self.colmap, len(self.genes), gene_cols)
 
     def take(self, plan: ColumnPlan, start: int = 0, stop: int | None = None) -> sp.csr_matrix:
         """Rows ``start:stop`` read through ``plan`` (from :meth:`plan`)."""
@@ -67,14 +63,64 @@ class Query:
         return Query(self.raw[rows], self.colmap, self.genes, self.cell_ids[rows], self.report, self.mapping)
 
 
-@lru_cache(maxsize=32)
-def _map_cached(genes: tuple[str, ...], species: str | None):
-    """Gene mapping and its report are pure functions of the names: chunked requests reuse them."""
-    mapping = map_genes(list(genes), species=species)
-    return mapping, mapping.report()
+def column_plan(colmap: np.ndarray, n_genes: int, gene_cols: np.ndarray) -> ColumnPlan:
+    """How to read the symbols at positions ``gene_cols`` (of ``n_genes`` merged symbols) from input columns
+    mapped by ``colmap`` (input column -> symbol, ``-1``: unmapped)."""
+    to_out = np.full(n_genes, -1, dtype=np.int64)
+    to_out[np.asarray(gene_cols, dtype=np.int64)] = np.arange(len(gene_cols))
+    mapped = colmap >= 0
+    return ColumnPlan.from_colmap(np.where(mapped, to_out[np.where(mapped, colmap, 0)], -1), len(gene_cols))
+
+
+@dataclass(frozen=True)
+class GeneSpace:
+    """Input gene names, validated and mapped once: what every chunk of the same columns shares.
+
+    Gene mapping depends only on the names, so a file read in chunks, a Dask array's
+    blocks and repeated requests with the same genes all reuse one ``GeneSpace``.
+    """
+
+    names: tuple[str, ...]
+    """The input column names, as validated."""
+    colmap: np.ndarray
+    """Input column -> position in :attr:`genes` (``-1``: unmapped)."""
+    genes: tuple[str, ...]
+    """Unique approved symbols, in the order of their first input column."""
+    mapping: Any
+    report: dict[str, Any]
+    """Mapping report plus the column counts (``n_genes_input``, ``n_genes_used``, ...)."""
 
 
 @lru_cache(maxsize=32)
+def _gene_space(names: tuple[str, ...], species: str | None) -> GeneSpace:
+    mapping = map_genes(list(names), species=species)
+    colmap, unique = _symbol_columns(tuple(mapping.symbols))
+    n_kept = int((colmap >= 0).sum())
+    report = mapping.report()
+    report.update(
+        {
+            "n_genes_input": len(names),
+            "n_genes_used": int(len(unique)),
+            "n_genes_unmapped": int(len(names) - n_kept),
+            "n_columns_merged": int(n_kept - len(unique)),
+        }
+    )
+    return GeneSpace(names, colmap, unique, mapping, report)
+
+
+def gene_space(genes: Sequence[str], species: str | None = None) -> GeneSpace:
+    """Validate gene names and map them to approved human symbols (cached per name list).
+
+    Raises
+    ------
+    InputError
+        Empty, duplicated or non-string names (see :func:`cellatlas.io.validate_genes`).
+    """
+    if genes is None:
+        raise InputError("No gene names were given.", fix="Pass genes=[...] with one identifier per column.", field="genes")
+    return _gene_space(tuple(cio.validate_genes(genes)), species)
+
+
 def _symbol_columns(symbols: tuple[str | None, ...]) -> tuple[np.ndarray, tuple[str, ...]]:
     """Column map input column -> merged column (-1: unmapped) and the merged symbols.
 
@@ -102,6 +148,9 @@ def prepare_query(
     layer: str | None = None,
     use_raw: bool | None = None,
     species: str | None = None,
+    space: GeneSpace | None = None,
+    values: tuple[str, float | None] | None = None,
+    row0: int = 0,
 ) -> Query:
     """Validate, normalise identifiers and merge duplicates.
 
@@ -115,43 +164,33 @@ def prepare_query(
     cell_ids
         Identifiers for the rows (default: ``obs_names`` or ``0..n-1``).
     layer, use_raw
-        Which AnnData matrix to read (see :func:`cellatlas.io.counts_from_adata`).
+        Which AnnData matrix to read (see :func:`cellatlas.io.choose_matrix`).
     species
         Force ``"human"`` or ``"mouse"`` instead of detecting it.
+    space
+        The columns' :class:`GeneSpace` when already mapped (chunks of one dataset);
+        ``genes`` and ``species`` are then not read.
+    values
+        ``(kind, log_base)`` when already detected on the whole dataset (chunks: every
+        chunk is then converted alike); detected on this matrix otherwise.
+    row0
+        Row of the first cell in the whole dataset (error messages name that row).
     """
     source = "matrix"
     if _is_anndata(X):
-        X, adata_genes, adata_cells, source = cio.counts_from_adata(X, layer=layer, use_raw=use_raw, canonical=False)
+        adata = X
+        X, adata_genes, source = cio.choose_matrix(adata, layer=layer, use_raw=use_raw)  # validated once, below
         genes = adata_genes if genes is None else genes
-        cell_ids = adata_cells if cell_ids is None else cell_ids
-    if genes is None:
-        raise InputError("No gene names were given.", fix="Pass genes=[...] with one identifier per column.", field="genes")
-    genes = [str(g) for g in genes]
-    counts = cio.validate_matrix(X, genes, cell_ids, canonical=False)
+        cell_ids = adata.obs_names if cell_ids is None else cell_ids
+    if space is None:
+        space = gene_space(genes, species)
+    counts = cio.validate_matrix(X, space.names, cell_ids, canonical=False, genes_valid=True, row0=row0)
     n = counts.shape[0]
-    if cell_ids is None:
-        cell_ids = np.arange(n).astype(str)
-    cell_ids = np.asarray(cell_ids).astype(str).astype(object)
-    if len(cell_ids) != n:
-        raise InputError(
-            f"{len(cell_ids)} cell ids for {n} cells.", fix="Pass one cell id per matrix row.", field="cell_ids"
-        )
-    values = cio.detect_values(counts)
-    counts = cio.to_counts_like(counts, values)
-
-    mapping, mapping_report = _map_cached(tuple(genes), species)
-    colmap, unique = _symbol_columns(tuple(mapping.symbols))
-    n_kept = int((colmap >= 0).sum())
-    report = copy.deepcopy(mapping_report)
-    report.update(
-        {
-            "matrix_source": source,
-            "values": values,
-            "n_cells": int(n),
-            "n_genes_input": len(genes),
-            "n_genes_used": int(len(unique)),
-            "n_genes_unmapped": int(len(genes) - n_kept),
-            "n_columns_merged": int(n_kept - len(unique)),
-        }
-    )
-    return Query(counts, colmap, list(unique), cell_ids, report, mapping)
+    cell_ids = np.arange(row0, row0 + n).astype(str).astype(object) if cell_ids is None else np.asarray(cell_ids).astype(str).astype(object)
+    if values is None:
+        kind = cio.detect_values(counts)
+        values = (kind, cio.detect_log_base(counts) if kind == "lognorm" else None)
+    counts = cio.to_counts_like(counts, values[0], values[1])
+    report = copy.deepcopy(space.report)
+    report.update({"matrix_source": source, "values": values[0], "n_cells": int(n)})
+    return Query(counts, space.colmap, list(space.genes), cell_ids, report, space.mapping)
