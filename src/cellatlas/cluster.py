@@ -105,33 +105,26 @@ def iter_annotated_dask(run: Run, scheduler: Any, *, chunk_size: int | None = No
             import dask
 
             X = src.X.rechunk({0: size, 1: -1})
-            starts = np.concatenate([[0], np.cumsum(X.chunks[0])]).tolist()
-            blocks = X.to_delayed().ravel()
-            submit = [
-                (lambda i=i, b=b: client.compute(dask.delayed(_score_array_block)(
-                    b, src.cell_ids(starts[i], starts[i + 1]), starts[i], *common)))
-                for i, b in enumerate(blocks)
-            ]
+            starts = np.concatenate([[0], np.cumsum(X.chunks[0])]).astype(int).tolist()
+            tasks = [dask.delayed(_score_array_block)(b, src.cell_ids(starts[i], starts[i + 1]), starts[i], *common)
+                     for i, b in enumerate(X.to_delayed().ravel())]
+            submit = lambda batch: client.compute(batch)  # noqa: E731 - one graph per batch of blocks
         elif src.open_args is not None:
-            submit = [
-                (lambda a=a: client.submit(_score_file_block, src.open_args, a, min(a + size, src.n_cells), *common, pure=False))
-                for a in range(0, src.n_cells, size)
-            ]
+            tasks = [(a, min(a + size, src.n_cells)) for a in range(0, src.n_cells, size)]
+            submit = lambda batch: [client.submit(_score_file_block, src.open_args, a, b, *common, pure=False) for a, b in batch]  # noqa: E731
         else:
             raise InputError("only dask arrays and files can be annotated on a Dask cluster", field="scheduler",
                              fix="Pass adata with a dask X (anndata.experimental.read_elem_lazy) or a file path, or leave out scheduler.")
-        window = 2 * max(1, sum(client.nthreads().values()))
-        pending: deque = deque()
-        todo = iter(submit)
-        for make in todo:
-            pending.append(make())
-            if len(pending) >= window:
-                break
+        # At most two batches of one block per worker thread are in flight: results wait on the
+        # workers only until the blocks before them are written.
+        width = max(1, sum(client.nthreads().values()))
+        pending: deque = deque(submit(tasks[:width]))
+        nxt = width
         while pending:
+            if len(pending) <= width and nxt < len(tasks):
+                pending.extend(submit(tasks[nxt:nxt + width]))
+                nxt += width
             part = pending.popleft().result()
-            nxt = next(todo, None)
-            if nxt is not None:
-                pending.append(nxt())
             if progress:
                 progress(len(part))
             yield part

@@ -168,6 +168,8 @@ def _sample_rows(X: Any) -> sp.csr_matrix:
     if sp.issparse(X) and X.format not in ("csr", "csc"):
         X = sp.csr_matrix(X)
     sub = X[idx]
+    if hasattr(sub, "compute"):  # a dask array: read just these rows
+        sub = sub.compute()
     sub = sp.csr_matrix(sub if sp.issparse(sub) else np.asarray(sub, dtype=np.float32), dtype=np.float32, copy=True)
     sub.data[~np.isfinite(sub.data)] = 0  # validate_matrix rejects these; here they are ignored
     sub.eliminate_zeros()

@@ -10,6 +10,8 @@ in the gene report, never dropped silently.
 from __future__ import annotations
 
 import copy
+import os
+from pathlib import Path
 from dataclasses import dataclass, field
 from functools import cached_property, lru_cache
 from typing import Any, Sequence
@@ -91,9 +93,53 @@ class GeneSpace:
     """Mapping report plus the column counts (``n_genes_input``, ``n_genes_used``, ...)."""
 
 
+def _stored_mapping(names: tuple[str, ...], species: str | None):
+    """:func:`map_genes` of ``names``, kept on disk (``CELLATLAS_HOME/cache/genes``) for the next process.
+
+    Loading the packaged gene tables costs most of a second per process; a dataset's
+    gene list (a 10x panel, a lab's reference) recurs from run to run, so its mapping is
+    stored under a hash of the names, the species and the tables' manifest. Anything
+    unreadable is recomputed; an unwritable home only skips the store. The key also
+    covers the mapping code (``genes.py``, ``gene_tables.py``), so a changed rule is never
+    answered from an old store.
+    """
+    import hashlib
+    import pickle
+
+    from cellatlas.config import get_settings
+    from cellatlas.gene_tables import TABLE_DIR
+
+    from cellatlas import gene_tables, genes
+
+    h = hashlib.sha256((TABLE_DIR / "manifest.json").read_bytes())
+    for code in (genes.__file__, gene_tables.__file__):  # the mapping rules, as well as the tables
+        h.update(Path(code).read_bytes())
+    h.update(repr((species, _MAPPING_FORMAT)).encode())
+    h.update("\0".join(names).encode("utf-8", "surrogatepass"))
+    path = get_settings().home / "cache" / "genes" / f"{h.hexdigest()[:32]}.pkl"
+    try:
+        with open(path, "rb") as fh:
+            return pickle.load(fh)
+    except Exception:  # noqa: BLE001 - missing, truncated or from another version: recompute
+        pass
+    mapping = map_genes(list(names), species=species)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_bytes(pickle.dumps(mapping, protocol=pickle.HIGHEST_PROTOCOL))
+        os.replace(tmp, path)
+    except OSError:
+        pass
+    return mapping
+
+
+_MAPPING_FORMAT = 1
+"""Bump when GeneMapping changes shape: stored mappings of another format are not read."""
+
+
 @lru_cache(maxsize=32)
 def _gene_space(names: tuple[str, ...], species: str | None) -> GeneSpace:
-    mapping = map_genes(list(names), species=species)
+    mapping = _stored_mapping(names, species)
     colmap, unique = _symbol_columns(tuple(mapping.symbols))
     n_kept = int((colmap >= 0).sum())
     report = mapping.report()

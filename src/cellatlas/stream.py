@@ -117,15 +117,15 @@ class ArraySource(CellSource):
 
 
 class StoreSource(CellSource):
-    """An AnnData ``.h5ad`` (h5py) or ``.zarr`` store, read without loading it.
+    """An AnnData ``.h5ad`` (read with h5py) or ``.zarr`` store (anndata's readers), read without loading it.
 
     The matrix is chosen as :func:`cellatlas.io.choose_matrix` chooses it, each candidate
-    judged on a sample of rows.
+    judged on a sample of rows. An ``.h5ad``'s CSR matrices and string indexes are read
+    with h5py directly (anndata, which imports dask and zarr, is loaded only for other
+    encodings).
     """
 
     def __init__(self, path: Path, layer: str | None = None, use_raw: bool | None = None, *, writable: bool = False):
-        from anndata.io import read_elem
-
         self.path, self.fmt = Path(path), "zarr" if _is_zarr(path) else "h5ad"
         try:
             if self.fmt == "zarr":
@@ -137,8 +137,8 @@ class StoreSource(CellSource):
                 import h5py
 
                 self._file = self.root = h5py.File(path, "r+" if writable else "r")
-            self._var = read_elem(self.root["var"]).index
-            self._raw_var = read_elem(self.root["raw/var"]).index if "raw" in self.root and "var" in self.root["raw"] else None
+            self._var = _frame_index(self.root["var"])
+            self._raw_var = _frame_index(self.root["raw/var"]) if "raw" in self.root and "var" in self.root["raw"] else None
         except (OSError, KeyError, ValueError) as exc:
             raise InputError(f"could not read {Path(path).name} as an AnnData {self.fmt} store: {exc}", field="file",
                              fix="Check that the file is a complete .h5ad (or AnnData .zarr) written by anndata.") from exc
@@ -151,10 +151,13 @@ class StoreSource(CellSource):
 
     def element(self, key: str) -> Any:
         """A lazily read matrix element of the store (``X``, ``raw/X``, ``layers/NAME``)."""
-        from anndata.io import sparse_dataset
-
         el = self.root[key]
-        if _encoding(el) in ("csr_matrix", "csc_matrix"):
+        enc = _encoding(el)
+        if enc == "csr_matrix" and self.fmt == "h5ad":
+            return CsrRows(el["data"], el["indices"], el["indptr"], tuple(int(v) for v in el.attrs["shape"]))
+        if enc in ("csr_matrix", "csc_matrix"):
+            from anndata.io import sparse_dataset
+
             ds = sparse_dataset(el)
             if ds.format == "csc":
                 warnings.warn(f"{self.path.name}:{key} is stored column by column (CSC): it is read whole into memory "
@@ -171,17 +174,84 @@ class StoreSource(CellSource):
         return self.X[idx]
 
     def cell_ids(self, start: int, stop: int) -> np.ndarray:
-        if self._index is None or _encoding(self._index) != "string-array":
-            if self._index is not None and not hasattr(self, "_all_ids"):  # categorical or numeric index: read once
-                from anndata.io import read_elem
+        if self._index is None:
+            return super().cell_ids(start, stop)
+        if _encoding(self._index) == "string-array":
+            return _decode(self._index[start:stop])
+        if not hasattr(self, "_all_ids"):  # a categorical or numeric index: read once
+            from anndata.io import read_elem
 
-                self._all_ids = np.asarray(read_elem(self._index)).astype(str).astype(object)
-            return self._all_ids[start:stop] if self._index is not None else super().cell_ids(start, stop)
-        return _decode(self._index[start:stop])
+            self._all_ids = np.asarray(read_elem(self._index)).astype(str).astype(object)
+        return self._all_ids[start:stop]
 
     def close(self) -> None:
         if self._file is not None:
             self._file.close()
+
+
+class CsrRows:
+    """Rows of a CSR matrix stored as ``data``/``indices``/``indptr`` arrays (h5py or zarr), read on demand.
+
+    Slicing rows reads ``indptr`` for those rows and one contiguous range of the other
+    two arrays: an .h5ad's ``X`` and a 10x ``.h5``'s barcodes x features matrix alike.
+    """
+
+    def __init__(self, data, indices, indptr, shape: tuple[int, int]):
+        self._data, self._indices, self._indptr = data, indices, indptr
+        self.shape, self.dtype = (int(shape[0]), int(shape[1])), np.dtype(data.dtype)
+
+    def _rows(self, start: int, stop: int) -> sp.csr_matrix:
+        ptr = np.asarray(self._indptr[start:stop + 1], dtype=np.int64)
+        lo, hi = int(ptr[0]), int(ptr[-1])
+        return sp.csr_matrix((self._data[lo:hi], self._indices[lo:hi], ptr - lo), shape=(stop - start, self.shape[1]))
+
+    def __getitem__(self, key) -> sp.csr_matrix:
+        if isinstance(key, slice):
+            start, stop, step = key.indices(self.shape[0])
+            block = self._rows(start, max(start, stop))
+            return block if step == 1 else block[::step]
+        idx = np.asarray(key, dtype=np.int64).ravel()
+        if getattr(self, "_last", (None,))[0] is not None and np.array_equal(self._last[0], idx):
+            return self._last[1]  # value detection reads the same sample rows twice
+        if len(idx) * 4 >= self.shape[0]:  # most rows asked for: one read
+            out = self._rows(0, self.shape[0])[idx]
+        else:
+            ptr = np.asarray(self._indptr[:], dtype=np.int64)
+            lo, hi = ptr[idx], ptr[idx + 1]
+            indptr = np.concatenate([[0], np.cumsum(hi - lo)])
+            out = sp.csr_matrix((_read_ranges(self._data, lo, hi), _read_ranges(self._indices, lo, hi), indptr),
+                                shape=(len(idx), self.shape[1]))
+        self._last = (idx, out)
+        return out
+
+
+def _read_ranges(ds, lo: np.ndarray, hi: np.ndarray) -> np.ndarray:
+    """``concatenate([ds[a:b] for a, b in zip(lo, hi)])`` in one HDF5 read for h5py datasets."""
+    keep = hi > lo
+    lo, hi = lo[keep], hi[keep]
+    out = np.empty(int((hi - lo).sum()), dtype=ds.dtype)
+    if not len(out):
+        return out
+    if type(ds).__module__.startswith("h5py"):
+        import h5py
+
+        space = ds.id.get_space()
+        space.select_hyperslab((int(lo[0]),), (int(hi[0] - lo[0]),), op=h5py.h5s.SELECT_SET)
+        for a, b in zip(lo[1:].tolist(), hi[1:].tolist()):
+            space.select_hyperslab((a,), (b - a,), op=h5py.h5s.SELECT_OR)
+        ds.id.read(h5py.h5s.create_simple((len(out),)), space, out)
+        return out
+    return np.concatenate([np.asarray(ds[a:b]) for a, b in zip(lo.tolist(), hi.tolist())])
+
+
+def _frame_index(group) -> pd.Index:
+    """The index of an AnnData dataframe group (h5py or zarr)."""
+    el = group[group.attrs["_index"]]
+    if _encoding(el) == "string-array":
+        return pd.Index(_decode(el[...]))
+    from anndata.io import read_elem
+
+    return pd.Index(np.asarray(read_elem(el)).astype(str))
 
 
 class _StoreShim:
@@ -237,20 +307,19 @@ class TenxH5Source(CellSource):
         self._keep = None if keep is None else np.flatnonzero(keep)
         genes = [str(g) for g in (names if keep is None else names[keep])]
         self.genes = _make_unique(genes, "gene names", [])[0]
-        self.n_genes_stored = len(names)
-        self._data, self._indices, self._barcodes = grp["data"], grp["indices"], grp["barcodes"]
-        self._indptr = grp["indptr"][:]
-        self.n_cells = len(self._indptr) - 1
+        self._barcodes = grp["barcodes"]
+        n_cells = int(grp["indptr"].shape[0] - 1)
+        self.X = CsrRows(grp["data"], grp["indices"], grp["indptr"], (n_cells, len(names)))
+        self.n_cells = n_cells
         self.source = "X"
 
     def rows(self, start: int, stop: int) -> sp.csr_matrix:
-        lo, hi = int(self._indptr[start]), int(self._indptr[stop])
-        X = sp.csr_matrix((self._data[lo:hi], self._indices[lo:hi], self._indptr[start:stop + 1] - lo),
-                          shape=(stop - start, self.n_genes_stored))
+        X = self.X[start:stop]
         return X if self._keep is None else X[:, self._keep]
 
     def sample(self, idx: np.ndarray) -> sp.csr_matrix:
-        return _stack([self.rows(int(i), int(i) + 1) for i in idx])
+        X = self.X[idx]
+        return X if self._keep is None else X[:, self._keep]
 
     def cell_ids(self, start: int, stop: int) -> np.ndarray:
         return _decode(self._barcodes[start:stop])
@@ -322,10 +391,9 @@ def _encoding(el: Any) -> str:
 
 
 def _decode(values: Any) -> np.ndarray:
-    arr = np.asarray(values)
-    if arr.dtype.kind == "S" or (arr.dtype == object and len(arr) and isinstance(arr[0], bytes)):
-        return np.array([v.decode("utf-8", "replace") for v in arr.tolist()], dtype=object)
-    return arr.astype(str).astype(object)
+    """Strings as an object array, whatever the store returned (bytes, fixed width, numpy StringDType)."""
+    items = np.asarray(values).tolist()
+    return np.array([v.decode("utf-8", "replace") if isinstance(v, bytes) else str(v) for v in items], dtype=object)
 
 
 # --------------------------------------------------------------------------- engine

@@ -186,12 +186,10 @@ class H5adWriter:
     # ------------------------------------------------------------------ blocks
     def write(self, part: AnnotationResult) -> None:
         """Write one block's annotations (rows ``pos:pos + len(part)``)."""
-        import anndata
-
         a, b = self.pos, self.pos + len(part)
         if getattr(self, "_fresh_x", False):
             self._copy_rows(a, b)
-        stub = anndata.AnnData(obs=pd.DataFrame(index=pd.Index(np.asarray(part.cell_ids).astype(str))))
+        stub = _Stub(len(part))
         part.write_adata(stub, self.key)
         for col in stub.obs.columns:
             self._column(col, stub.obs[col], a, b)
@@ -229,9 +227,7 @@ class H5adWriter:
     # ------------------------------------------------------------------ finish
     def close(self, last: AnnotationResult) -> None:
         """Move the new columns into place, write uns and the column order; rename the file."""
-        import anndata
         import h5py
-        from anndata.io import write_elem
 
         if self.pos != self.n:
             raise RuntimeError(f"wrote {self.pos} of {self.n} cells")
@@ -261,12 +257,12 @@ class H5adWriter:
             if final in obsm:
                 del obsm[final]
             obsm.move(name, final)
-        stub = anndata.AnnData(obs=pd.DataFrame(index=pd.RangeIndex(len(last)).astype(str)))
+        stub = _Stub(len(last))
         last.write_adata(stub, self.key)
         for name, value in stub.uns.items():
             if name in uns:
                 del uns[name]
-            write_elem(uns, name, value)
+            write_uns(uns, name, value)
         if self.tmp is not None:
             self.f.close()
             os.replace(self.tmp, self.output)
@@ -286,6 +282,46 @@ class H5adWriter:
                 del self.f[group][name]
 
 
+class _Stub:
+    """The part of an AnnData that :meth:`AnnotationResult.write_adata` writes into (one block's cells)."""
+
+    def __init__(self, n: int):
+        self.n_obs, self.obs, self.obsm, self.uns = n, pd.DataFrame(index=pd.RangeIndex(n).astype(str)), {}, {}
+
+
+def write_uns(group, name: str, value: Any) -> None:
+    """Write a nested dict of strings, numbers and lists in anndata's encoding (as ``write_elem`` would).
+
+    Lists mixing types, or holding dicts, are stored as one JSON string.
+    """
+    import h5py
+
+    if isinstance(value, dict):
+        g = _dict_group(group, name)
+        for k, v in value.items():
+            write_uns(g, str(k), v)
+        return
+    if isinstance(value, str):
+        group.create_dataset(name, data=value, dtype=h5py.string_dtype())
+        _attrs(group[name], "string")
+        return
+    if isinstance(value, (bool, int, float, np.generic)):
+        group.create_dataset(name, data=value)
+        _attrs(group[name], "numeric-scalar")
+        return
+    arr = np.asarray(value if len(value) else [], dtype=object if value and all(isinstance(v, str) for v in value) else None)
+    if arr.dtype == object and all(isinstance(v, str) for v in arr.ravel()):
+        group.create_dataset(name, data=arr, dtype=h5py.string_dtype())
+        _attrs(group[name], "string-array")
+    elif arr.dtype.kind in "biuf":
+        group.create_dataset(name, data=arr)
+        _attrs(group[name], "array")
+    else:
+        import json
+
+        write_uns(group, name, json.dumps(value, default=str))
+
+
 def _attrs(obj, encoding: str, version: str = "0.2.0") -> None:
     obj.attrs["encoding-type"], obj.attrs["encoding-version"] = encoding, version
 
@@ -300,5 +336,5 @@ def _frame_group(f, name: str):
     g = f.create_group(name)
     _attrs(g, "dataframe")
     g.attrs["_index"] = "_index"
-    g.attrs["column-order"] = np.array([], dtype=object)
+    g.attrs["column-order"] = np.zeros(0)  # h5py stores no empty string array; anndata reads this as no columns
     return g
