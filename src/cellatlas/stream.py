@@ -524,9 +524,9 @@ def _counter(progress: Callable[[int, int], None] | None, total: int) -> Callabl
 class FileAnnotation:
     """What :func:`annotate_file` returns: compact per-cell calls, reports and the files written.
 
-    The full per-cell result (alternates, markers, evidence, embedding) goes to the
-    outputs; only label, confidence, band and the novel flag are kept here, so memory
-    stays small for millions of cells.
+    The full per-cell result (cell ids, alternates, markers, evidence, embedding) goes to
+    the outputs; only label, confidence, band and the novel flag are kept here, one row per
+    cell in input order (about 10 bytes a cell), so memory stays small for millions of cells.
     """
 
     calls: pd.DataFrame
@@ -547,7 +547,7 @@ class _Calls:
 
     def __init__(self) -> None:
         self.labels: dict[str, int] = {}
-        self.codes, self.conf, self.novel, self.ids = [], [], [], []
+        self.codes, self.conf, self.novel = [], [], []
 
     def add(self, res: AnnotationResult) -> None:
         names, inverse = np.unique(np.asarray(res.label, dtype=str), return_inverse=True)
@@ -555,7 +555,6 @@ class _Calls:
         self.codes.append(codes[inverse.ravel()])
         self.conf.append(np.asarray(res.confidence, dtype=np.float32))
         self.novel.append(np.asarray(res.novel, dtype=bool))
-        self.ids.append(np.asarray(res.cell_ids, dtype=object))
 
     def frame(self) -> pd.DataFrame:
         from cellatlas.result import band_of
@@ -569,7 +568,6 @@ class _Calls:
                 "cell_type_band": pd.Categorical(band_of(conf), categories=["confident", "review", "low"]),
                 "novel": cat(self.novel, np.zeros(0, bool)),
             },
-            index=pd.Index(cat(self.ids, np.zeros(0, object)), name="cell_id"),
         )
 
 
