@@ -64,7 +64,7 @@ def test_backed_h5ad_zarr_and_file_give_the_in_memory_calls(cells, files, refere
     _same_calls(res, reference)
     assert res.gene_report["n_genes_used"] == reference.gene_report["n_genes_used"]
     np.testing.assert_allclose(res.embedding, reference.embedding, atol=1e-5)
-    for path in (files / "cells.h5ad", files / "cells.zarr"):
+    for path in (files / "cells.h5ad", files / "cells.zarr", f"file://{files / 'cells.zarr'}"):  # a URL: as on object storage
         fa = annotate_file(path, chunk_size=CHUNK)
         _same_calls(fa, reference)
         assert fa.provenance["n_cells"] == 500 and fa.gene_report["values"] == "counts"

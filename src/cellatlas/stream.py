@@ -126,7 +126,8 @@ class StoreSource(CellSource):
     """
 
     def __init__(self, path: Path, layer: str | None = None, use_raw: bool | None = None, *, writable: bool = False):
-        self.path, self.fmt = Path(path), "zarr" if _is_zarr(path) else "h5ad"
+        url = _is_url(path)
+        self.path, self.fmt = (str(path) if url else Path(path)), "zarr" if url or _is_zarr(path) else "h5ad"
         try:
             if self.fmt == "zarr":
                 import zarr
@@ -160,7 +161,7 @@ class StoreSource(CellSource):
 
             ds = sparse_dataset(el)
             if ds.format == "csc":
-                warnings.warn(f"{self.path.name}:{key} is stored column by column (CSC): it is read whole into memory "
+                warnings.warn(f"{Path(str(self.path)).name}:{key} is stored column by column (CSC): it is read whole into memory "
                               "to be annotated; store it as CSR (adata.X = adata.X.tocsr()) to read it in chunks.",
                               UserWarning, stacklevel=3)
                 return ds.to_memory().tocsr()
@@ -332,7 +333,8 @@ def open_file(path: str | Path, *, layer: str | None = None, use_raw: bool | Non
               writable: bool = False) -> CellSource:
     """Open a single-cell file for reading in blocks of cells.
 
-    ``.h5ad`` and AnnData ``.zarr`` stores and 10x ``.h5`` files are read block by block;
+    ``.h5ad`` and AnnData ``.zarr`` stores and 10x ``.h5`` files are read block by block
+    (a zarr store may be a URL, e.g. ``s3://bucket/data.zarr``, read through fsspec);
     other formats (``.mtx`` directories, ``.zip``, ``.csv``) are read whole with
     :func:`cellatlas.io.read` (memory then grows with the dataset).
 
@@ -345,6 +347,10 @@ def open_file(path: str | Path, *, layer: str | None = None, use_raw: bool | Non
     """
     from cellatlas.io_readers import _detect_format, _normalise_fmt
 
+    if _is_url(path):  # a zarr store on object storage (s3://, gs://, ... through fsspec)
+        src = StoreSource(path, layer=layer, use_raw=use_raw)
+        src.open_args = {"path": str(path), "layer": layer, "use_raw": use_raw, "fmt": fmt}
+        return src
     p = Path(path)
     if not p.exists():
         cio.read(p)  # raises the reader's "no such file" error
@@ -378,6 +384,10 @@ def is_lazy(X: Any) -> bool:
     """Whether ``X`` is read on demand (backed AnnData, h5py/zarr, dask) rather than held in memory."""
     return not (X is None or sp.issparse(X) or isinstance(X, (np.ndarray, list, tuple))) and all(
         hasattr(X, a) for a in ("shape", "dtype", "__getitem__"))
+
+
+def _is_url(path) -> bool:
+    return "://" in str(path)
 
 
 def _is_zarr(p: Path) -> bool:
