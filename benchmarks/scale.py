@@ -67,10 +67,11 @@ _INPROC = r"""
 import json, sys, time
 import cellatlas
 from cellatlas.stream import annotate_file
-t0 = time.perf_counter()
+t0, c0 = time.perf_counter(), time.process_time()
 res = annotate_file(sys.argv[1], calls=sys.argv[2] if len(sys.argv) > 2 else None)
 labels = res.calls["cell_type"]
-print(json.dumps({"seconds": time.perf_counter() - t0, "cells": len(labels), "engine_setup_s": res.provenance["setup_seconds"]}))
+print(json.dumps({"seconds": time.perf_counter() - t0, "call_cpu_s": time.process_time() - c0, "cells": len(labels),
+                  "engine_setup_s": res.provenance["setup_seconds"]}))
 """
 
 _DASK = r"""
@@ -94,13 +95,13 @@ if __name__ == "__main__":
 _CELLTYPIST = r"""
 import json, sys, time
 import celltypist, scanpy as sc
-t0 = time.perf_counter()
+t0, c0 = time.perf_counter(), time.process_time()
 a = sc.read_h5ad(sys.argv[1])
 sc.pp.normalize_total(a, target_sum=1e4)
 sc.pp.log1p(a)
 pred = celltypist.annotate(a, model=sys.argv[2], majority_voting=False)
 labels = pred.predicted_labels["predicted_labels"]
-print(json.dumps({"seconds": time.perf_counter() - t0, "cells": len(labels)}))
+print(json.dumps({"seconds": time.perf_counter() - t0, "call_cpu_s": time.process_time() - c0, "cells": len(labels)}))
 """
 
 _TRAIN = r"""
@@ -262,33 +263,46 @@ def _cps(rec: dict | None, key: str = "seconds") -> str:
         return "-"
     if not rec.get("ok"):
         return f"failed ({rec.get('error', '')[:60]})"
-    return f"{rec['cells'] / rec[key]:,.0f}" if "cells" in rec else "-"
+    return f"{rec['cells'] / rec[key]:,.0f}" if "cells" in rec and rec.get(key) else "-"
+
+
+def _gb(rec: dict | None) -> str:
+    return f"{rec['peak_rss_gb']:.2f} GB" if rec and "peak_rss_gb" in rec else "-"
 
 
 def write(res: dict, out: Path) -> None:
+    """``out``.json with every number, ``out``.md with the tables."""
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps(res, indent=2))
     m = res["machine"]
-    lines = [f"# Scale benchmark ({m['cpus']} CPUs, load average before {m['load_before']}, after {m.get('load_after')})", "",
-             "| cells | in-process cells/s | peak RSS | CLI cells/s (whole process) | CLI peak RSS | CellTypist cells/s | CellTypist peak RSS |",
-             "|---|---|---|---|---|---|---|"]
+    lines = [f"# Scale benchmark ({m['cpus']} CPUs; load average before {m['load_before']}, after {m.get('load_after')})", "",
+             "cells/s = cells / wall seconds of the call (in-process, CellTypist: file -> labels, package imported first) or of "
+             "the whole process (CLI: file -> annotated file); per CPU-s = cells / CPU seconds of that call (all threads; whole "
+             "process for the CLI), which a loaded machine changes less.", "",
+             "| cells | in-process cells/s | per CPU-s | peak RSS | CLI cells/s | CLI peak RSS | CellTypist cells/s | per CPU-s "
+             "| peak RSS | CellTypist time / cellatlas time |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for n, row in res["runs"].items():
         ip, cli, ct = row.get("inprocess"), row.get("cli"), row.get("celltypist")
         cli_cps = f"{int(n) / cli['wall_s']:,.0f}" if cli and cli.get("ok") else _cps(cli)
-        lines.append(f"| {int(n):,} | {_cps(ip)} | {ip['peak_rss_gb'] if ip else '-'} GB | {cli_cps} | "
-                     f"{cli['peak_rss_gb'] if cli else '-'} GB | {_cps(ct)} | {ct['peak_rss_gb'] if ct else '-'} GB |")
+        ratio = f"{ct['seconds'] / ip['seconds']:.2f}x" if ip and ct and ip.get("ok") and ct.get("ok") else "-"
+        lines.append(f"| {int(n):,} | {_cps(ip)} | {_cps(ip, 'call_cpu_s')} | {_gb(ip)} | {cli_cps} | {_gb(cli)} | "
+                     f"{_cps(ct)} | {_cps(ct, 'call_cpu_s')} | {_gb(ct)} | {ratio} |")
     if "dask" in res:
         d = res["dask"]
-        lines += ["", f"Dask ({d['cells']:,} cells, 2-worker LocalCluster): {_cps(d['dask_2_workers'])} cells/s "
-                  f"(cluster start {d['dask_2_workers'].get('cluster_start_s', float('nan')):.1f} s, not counted) vs in-process "
-                  f"{_cps(d['inprocess'])} cells/s; identical calls: {d['identical_calls']}"]
+        dk, ip = d["dask_2_workers"], d["inprocess"]
+        ratio = f"{dk['seconds'] / ip['seconds']:.2f}x the in-process time" if dk.get("ok") and ip.get("ok") else ""
+        lines += ["", f"Dask ({d['cells']:,} cells, 2-worker LocalCluster, 1 thread each): {_cps(dk)} cells/s, {ratio} "
+                  f"(in-process {_cps(ip)} cells/s; cluster start {dk.get('cluster_start_s', float('nan')):.1f} s not counted; "
+                  f"client peak RSS {_gb(dk)}, worker peak RSS {dk.get('worker_peak_rss_gb', '-')} GB); "
+                  f"identical calls: {d['identical_calls']}"]
     if "floor" in res:
         f = res["floor"]
         ip = res["runs"].get(str(f["cells"]), {}).get("inprocess")
         ratio = f" = {ip['seconds'] / f['seconds']:.1f}x the floor" if ip and ip.get("ok") and f.get("ok") else ""
-        lines += ["", f"Physical floor at {f['cells']:,} cells: read {f.get('read_s', 0):.2f} s + projection {f.get('projection_s', 0):.2f} s "
-                  f"+ search {f.get('search_s', 0):.2f} s = {f.get('seconds', 0):.2f} s; file -> labels in-process "
-                  f"{ip['seconds'] if ip and ip.get('ok') else float('nan'):.2f} s{ratio}"]
+        lines += ["", f"Physical floor at {f['cells']:,} cells: read {f.get('read_s', 0):.2f} s + projection "
+                  f"{f.get('projection_s', 0):.2f} s + search {f.get('search_s', 0):.2f} s = {f.get('seconds', 0):.2f} s; "
+                  f"file -> labels in-process {ip['seconds'] if ip and ip.get('ok') else float('nan'):.2f} s{ratio}"]
     lines += ["", *[f"- {n}" for n in res["notes"]]]
     out.with_suffix(".md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
