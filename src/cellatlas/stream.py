@@ -567,15 +567,16 @@ class _Calls:
         self.novel.append(np.asarray(res.novel, dtype=bool))
 
     def frame(self) -> pd.DataFrame:
-        from cellatlas.result import band_of
+        from cellatlas.result import CONFIDENT, REVIEW
 
         cat = lambda parts, empty: np.concatenate(parts) if parts else empty  # noqa: E731
         conf = cat(self.conf, np.zeros(0, np.float32))
+        band = np.where(conf >= CONFIDENT, 0, np.where(conf >= REVIEW, 1, 2)).astype(np.int8)  # band_of, as codes
         return pd.DataFrame(
             {
                 "cell_type": pd.Categorical.from_codes(cat(self.codes, np.zeros(0, np.int32)), categories=list(self.labels)),
                 "cell_type_confidence": conf,
-                "cell_type_band": pd.Categorical(band_of(conf), categories=["confident", "review", "low"]),
+                "cell_type_band": pd.Categorical.from_codes(band, categories=["confident", "review", "low"]),
                 "novel": cat(self.novel, np.zeros(0, bool)),
             },
         )
