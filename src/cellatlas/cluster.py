@@ -91,6 +91,15 @@ def _score_file_block(open_args: dict, start: int, stop: int, atlas, space, valu
     return _score(src.rows(start, stop), src.cell_ids(start, stop), start, atlas, space, values, model, model_path, chunk_size)
 
 
+def _chosen(source: str) -> dict[str, Any]:
+    """The matrix the client chose, named explicitly, so workers open it without judging the candidates again."""
+    if source == "raw.X":
+        return {"layer": None, "use_raw": True}
+    if source.startswith("layers["):
+        return {"layer": source[len("layers['"):-2], "use_raw": None}
+    return {"layer": None, "use_raw": False}
+
+
 def iter_annotated_dask(run: Run, scheduler: Any, *, chunk_size: int | None = None,
                         progress: Callable[[int], None] | None = None) -> Iterator[AnnotationResult]:
     """Block results of ``run``'s source computed on a Dask cluster, in input order."""
@@ -111,7 +120,8 @@ def iter_annotated_dask(run: Run, scheduler: Any, *, chunk_size: int | None = No
             submit = lambda batch: client.compute(batch)  # noqa: E731 - one graph per batch of blocks
         elif src.open_args is not None:
             tasks = [(a, min(a + size, src.n_cells)) for a in range(0, src.n_cells, size)]
-            submit = lambda batch: [client.submit(_score_file_block, src.open_args, a, b, *common, pure=False) for a, b in batch]  # noqa: E731
+            args = {**src.open_args, **_chosen(src.source)}
+            submit = lambda batch: [client.submit(_score_file_block, args, a, b, *common, pure=False) for a, b in batch]  # noqa: E731
         else:
             raise InputError("only dask arrays and files can be annotated on a Dask cluster", field="scheduler",
                              fix="Pass adata with a dask X (anndata.experimental.read_elem_lazy) or a file path, or leave out scheduler.")
