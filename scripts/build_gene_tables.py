@@ -41,14 +41,21 @@ _ENSMUSG = re.compile(r"^ENSMUSG\d{11}$")
 # CpG islands, and names with spaces/brackets (transgenes, deletions, "allele of ...").
 _MOUSE_NOT_GENE = re.compile(r"^(Rr|Tssr|Cpgi)\d+$|[^A-Za-z0-9\-._]")
 _KEY_OK = re.compile(r"^[A-Za-z0-9][A-Za-z0-9\-._]*$")
+# HGNC names of transcripts that are separate loci from the gene they are named after:
+# antisense (-AS1), divergent (-DT), intronic (-IT1) and overlapping (-OT1) transcripts.
+_OWN_LOCUS = re.compile(r"^(?P<base>.+)-(?:AS|DT|IT|OT)\d*$")
 
 RULES = {
     "human_symbols": "HGNC approved symbols, plus org.Hs.eg.db and GENCODE v44 gene names "
-    "that are neither approved nor an HGNC previous symbol/alias of another gene.",
+    "that are neither approved nor an HGNC previous symbol/alias of another gene, plus "
+    "withdrawn antisense/divergent/intronic/overlapping transcript names (X-AS1, X-DT, X-IT1, "
+    "X-OT1) that HGNC merged into their own host gene X (source 'hgnc_merged_transcript').",
     "human_alias_to_symbol": "HGNC previous symbols/aliases first (only those pointing to one "
     "approved symbol and not themselves approved); then org.Hs.eg.db aliases not already "
     "known, kept only when all their genes normalise to one approved symbol. Aliases "
-    "with several targets go to human_alias_ambiguous.",
+    "with several targets go to human_alias_ambiguous. A transcript named after its target "
+    "(X-AS1, X-DT, X-IT1, X-OT1 -> X) is a separate locus in the annotations data are counted "
+    "with: it is kept as its own name, never summed into X.",
     "human_ensembl_to_symbol": "GENCODE v44 name if it normalises to an HGNC approved "
     "symbol; else the single approved symbol that org.Hs.eg.db (then babelgene) gives; "
     "else the non-HGNC GENCODE/Entrez name.",
@@ -132,6 +139,14 @@ def build_human(src: Path, names: HumanNames, gencode: Path | None) -> dict[str,
             alias_rows.append((a, next(iter(cand[a])), "entrez"))
         else:
             ambiguous[a] = sorted(cand[a])
+    # X-AS1 -> X would add an antisense transcript's counts to its host gene (HNRNPU-AS1 -> HNRNPU):
+    # such names stay their own (unapproved) symbols instead.
+    own_locus = {a for a, t, _ in alias_rows if (m := _OWN_LOCUS.match(a)) and names.norm(m.group("base")) == t}
+    alias_rows = [r for r in alias_rows if r[0] not in own_locus]
+    symbols = pd.concat(
+        [symbols, pd.DataFrame([(a, "hgnc_merged_transcript") for a in sorted(own_locus)], columns=["symbol", "source"])],
+        ignore_index=True,
+    )
     alias = pd.DataFrame(alias_rows, columns=["alias", "symbol", "source"])
     amb = pd.DataFrame(
         sorted((a, "|".join(v)) for a, v in ambiguous.items()), columns=["alias", "candidates"]

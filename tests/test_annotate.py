@@ -168,7 +168,7 @@ def test_lognormalised_anndata_and_obs_columns(pbmc68k):
     assert res.gene_report["matrix_source"] == "raw.X" and res.gene_report["values"] == "lognorm"
     for col in ("cell_type", "cell_type_confidence", "cell_type_band", "cell_type_ontology_id", "cell_type_alternates", "cell_type_markers"):
         assert col in a.obs
-    assert a.obsm["X_cellatlas"].shape[0] == a.n_obs and a.obsm["X_cellatlas_umap"].shape == (a.n_obs, 2)
+    assert a.obsm["X_cellatlas"].shape[0] == a.n_obs and a.obsm["X_cellatlas_projection"].shape == (a.n_obs, 2)
     assert a.uns["cellatlas"]["provenance"]["atlas"] == "human-core"
     mono = a.obs["bulk_labels"] == "CD14+ Monocyte"
     assert a.obs.loc[mono, "cell_type"].isin(["CD14 monocyte", "CD16 monocyte", "Monocyte", "Dendritic cell"]).mean() > 0.8

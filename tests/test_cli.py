@@ -51,3 +51,22 @@ def test_atlas_build(small_h5ad, tmp_path, isolated_home):
     assert (tmp_path / "mini.atlas.npz").exists() and "held-out accuracy" in r.output
     r = runner.invoke(app, ["atlas", "build", str(small_h5ad), "--label-key", "nope"])
     assert r.exit_code == 2 and "bulk_labels" in r.output
+
+
+def test_shifted_gene_list_refused_then_skippable_and_empty_cells_counted(pbmc68k, tmp_path):
+    import numpy as np
+    import scipy.sparse as sp
+
+    raw = pbmc68k.raw.to_adata()
+    a = ad.concat([raw, ad.AnnData(sp.csr_matrix((4, raw.n_vars), dtype=np.float32), var=raw.var)], index_unique=None)
+    a.obs_names = [f"c{i}" for i in range(a.n_obs)]
+    a.var_names = list(np.roll(np.asarray(raw.var_names), -1))
+    path = tmp_path / "shifted.h5ad"
+    a.write_h5ad(path)
+    r = runner.invoke(app, ["annotate", str(path)])
+    assert r.exit_code == 2 and "shifted by 1 column" in r.output and "--skip-gene-check" in r.output
+    r = runner.invoke(app, ["annotate", str(path), "--skip-gene-check", "--csv", str(tmp_path / "c.csv")])
+    assert r.exit_code == 0, r.output
+    assert "gene list skipped" in r.output and "Unassigned: 4 of 704 cells" in r.output
+    df = pd.read_csv(tmp_path / "c.csv", index_col=0)
+    assert (df["cell_type"].iloc[-4:] == "Unassigned").all() and df["reason"].iloc[-4:].notna().all()

@@ -254,3 +254,18 @@ def test_datasets_detected_and_mapped(name, id_type, min_mapped):
     assert m.fraction_mapped >= min_mapped
     if id_type == "symbol_mouse":
         assert {"INS", "GCG", "CD3E", "PTPRC"} & set(m.symbols)
+
+
+def test_a_transcript_named_after_its_host_gene_is_not_merged_into_it():
+    """HGNC merged HNRNPU-AS1 into HNRNPU; data counted on older annotations have both columns."""
+    m = map_genes(["HNRNPU-AS1", "HNRNPU", "BRD2-IT1", "BRD2", "HNRPU"])
+    assert m.symbols == ["HNRNPU-AS1", "HNRNPU", "BRD2-IT1", "BRD2", "HNRNPU"]
+    assert "HNRNPU-AS1" not in m.duplicates.get("HNRNPU", [])  # a real previous symbol (HNRPU) still maps
+
+
+def test_mouse_names_are_displayed_in_mgi_case():
+    from cellatlas.genes import display_name
+
+    assert [display_name(g, "mouse") for g in ("0610007P14RIK", "X0610007P14Rik", "PPBP", "Ins1")] == [
+        "0610007P14Rik", "0610007P14Rik", "Ppbp", "Ins1"]
+    assert display_name("CD3E", "human") == "CD3E" and display_name("NOTAGENE", "mouse") == "NOTAGENE"

@@ -6,6 +6,7 @@ import hashlib
 import os
 import subprocess
 import sys
+import warnings
 
 import h5py
 import numpy as np
@@ -115,7 +116,10 @@ def test_cli_output_links_x_and_leaves_the_input_untouched(files, reference, tmp
     assert list(a.obs["cell_type"].astype(str)) == list(reference.label)
     np.testing.assert_allclose(a.obsm["X_cellatlas"], reference.embedding, atol=1e-5)
     assert a.uns["cellatlas"]["provenance"]["n_cells"] == 500
-    assert a.obs.columns[: len(orig.obs.columns)].tolist() == [c for c in orig.obs.columns if c in a.obs.columns][: len(orig.obs.columns)]
+    # the authors' own cell_type is kept aside, as annotate_adata does in memory
+    assert list(a.obs["cell_type_uploaded"].astype(str)) == list(orig.obs["cell_type"].astype(str))
+    assert dict(a.uns["cellatlas"]["moved_columns"]) == {"cell_type": "cell_type_uploaded"}
+    assert "kept the file's obs['cell_type'] as obs['cell_type_uploaded']" in r.output
     df = pd.read_parquet(calls)
     expected = reference.to_dataframe()
     assert list(df.index) == list(expected.index) and list(df.columns) == list(expected.columns)
@@ -135,12 +139,15 @@ def test_copy_x_is_self_contained_and_in_place_keeps_x(files, reference, tmp_pat
     a = ad.read_h5ad(out)
     assert a.n_obs == 500 and list(a.obs["ca"].astype(str)) == list(reference.label)
     annotate_file(moved, in_place=True, chunk_size=CHUNK, key_added="ca")
-    with pytest.warns(UserWarning, match="replaced"):
-        annotate_file(moved, in_place=True, chunk_size=CHUNK, key_added="ca")  # again: the earlier columns are replaced
+    n_cols = len(ad.read_h5ad(moved).obs.columns)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a rerun replaces its own columns: nothing moved aside, no warning
+        res = annotate_file(moved, in_place=True, chunk_size=CHUNK, key_added="ca")
+    assert res.moved_columns == {}
     assert _x_digest(moved) == before
     b = ad.read_h5ad(moved)
     assert list(b.obs["ca"].astype(str)) == list(reference.label) and "X_cellatlas" in b.obsm
-    assert not any(k.startswith("__cellatlas") for k in b.obs.columns)
+    assert len(b.obs.columns) == n_cols and not any(k.startswith("__cellatlas") or "_uploaded" in k for k in b.obs.columns)
     with pytest.raises(InputError, match="both given"):
         annotate_file(moved, in_place=True, output=tmp_path / "x.h5ad")
 

@@ -23,6 +23,7 @@ from cellatlas.io import choose_matrix
 from cellatlas.query import GeneSpace, Query, _is_anndata, column_plan, prepare_query
 from cellatlas.result import AnnotationResult
 from cellatlas.sparse import row_block
+from cellatlas.io_qc import UNASSIGNED, doublet_scores, unassigned_reasons
 
 if TYPE_CHECKING:  # the runtime imports faiss: loaded on first use, not with ``import cellatlas``
     from cellatlas.runtime import AtlasRuntime
@@ -116,7 +117,8 @@ class Annotator:
                     progress(len(part))
         return AnnotationResult.concat(parts)
 
-    def provenance(self, n_cells: int, seconds: float, *, cluster_vote: bool = False, changed: int | None = None) -> dict[str, Any]:
+    def provenance(self, n_cells: int, seconds: float, *, cluster_vote: bool = False, changed: int | None = None,
+                   unassigned: dict[str, Any] | None = None, doublets: dict[str, Any] | None = None) -> dict[str, Any]:
         """The provenance record of a run over ``n_cells`` cells that took ``seconds``."""
         at = self.atlas
         return {
@@ -131,6 +133,8 @@ class Annotator:
             "setup_seconds": round(self.setup_seconds, 4),
             "cluster_vote": bool(cluster_vote),
             "cluster_vote_changed": changed,
+            "unassigned": unassigned or {"n_cells": 0, "reasons": {}},
+            "doublets": doublets or {"computed": False, "note": None},
             "bands": {"confident": 0.7, "review": 0.4},
         }
 
@@ -143,6 +147,7 @@ def annotate_query(
     model_path=None,
     chunk_size: int | None = None,
     cluster_vote: bool = False,
+    doublets: bool = False,
     progress: Callable[[int, int], None] | None = None,
 ) -> AnnotationResult:
     """Annotate an already prepared :class:`~cellatlas.query.Query`."""
@@ -161,8 +166,13 @@ def annotate_query(
         from cellatlas.voting import majority_vote
 
         changed = int(majority_vote(res).sum())
+    unassigned = _leave_unassigned(res)
+    doublet_note = None
+    if doublets:
+        res.doublet_score, doublet_note = doublet_scores(query.raw)
     res.gene_report = {**query.report, **engine.rt.report}
-    res.provenance = engine.provenance(n, time.perf_counter() - t0, cluster_vote=cluster_vote, changed=changed)
+    res.provenance = engine.provenance(n, time.perf_counter() - t0, cluster_vote=cluster_vote, changed=changed,
+                                       unassigned=unassigned, doublets={"computed": bool(doublets), "note": doublet_note})
     return res
 
 
@@ -209,8 +219,34 @@ def _chunk_input(rt: AtlasRuntime, query: Query, plan, rows: slice) -> tuple:
     return row_block(query.counts, rows.start, rows.stop), None
 
 
+def _leave_unassigned(res: AnnotationResult) -> dict[str, Any]:
+    """Cells with a ``reason`` (too little information, :func:`cellatlas.io_qc.unassigned_reasons`)
+    become ``"Unassigned"`` with confidence 0 (band low), in place, after scoring and any cluster vote.
+
+    The evidence columns keep what the engine saw. Returns the count per reason, for provenance.
+    """
+    hit = np.asarray(res.reason, dtype=object) != ""
+    if hit.any():
+        res.label[hit] = UNASSIGNED
+        res.ontology_id[hit] = ""
+        res.level[hit] = "none"
+        res.confidence = np.where(hit, 0.0, res.confidence).astype(np.float32)
+        res.parent_label[hit] = ""
+        res.parent_confidence = np.where(hit, np.nan, res.parent_confidence).astype(np.float32)
+        res.novel = np.where(hit, False, res.novel)
+        res.alternates.labels[hit] = ""
+        res.alternates.scores[hit] = np.nan
+        for i in np.flatnonzero(hit):
+            res.markers[i] = []
+    reasons, counts = np.unique(np.asarray(res.reason, dtype=object)[hit].astype(str), return_counts=True)
+    return {"n_cells": int(hit.sum()), "reasons": dict(zip(reasons.tolist(), counts.tolist()))}
+
+
 def _annotate_chunk(rt: AtlasRuntime, query: Query, plan, rows: slice) -> AnnotationResult:
-    sc = rt.score(*_chunk_input(rt, query, plan, rows))
+    counts, stored = _chunk_input(rt, query, plan, rows)
+    sc = rt.score(counts, stored)
+    qc = query.qc(rows.start, rows.stop)
+    read = np.asarray((stored if stored is not None else counts).sum(axis=1)).ravel()
     nodes = np.asarray(rt.hierarchy.nodes, dtype=object)
     cands = np.asarray(rt.candidates, dtype=object)
     kl, ml = sc.p_knn.argmax(axis=1), sc.p_marker.argmax(axis=1)
@@ -234,6 +270,10 @@ def _annotate_chunk(rt: AtlasRuntime, query: Query, plan, rows: slice) -> Annota
         novel=sc.novel,
         parent_label=np.where(sc.parent >= 0, nodes[np.maximum(sc.parent, 0)], ""),
         parent_confidence=sc.parent_confidence,
+        total_counts=qc.total_counts,
+        n_genes=qc.n_genes,
+        pct_mito=qc.pct_mito,
+        reason=unassigned_reasons(qc, read, values=query.report.get("values", "counts")),
         embedding=sc.embedding,
         layout=rt.layout(sc),
     )
@@ -252,6 +292,8 @@ def annotate(
     model_path=None,
     chunk_size: int | None = None,
     cluster_vote: bool = False,
+    skip_gene_check: bool = False,
+    doublets: bool = False,
     progress: Callable[[int, int], None] | None = None,
     scheduler=None,
 ) -> AnnotationResult:
@@ -276,6 +318,12 @@ def annotate(
         Row identifiers for the result (default ``obs_names`` or ``0..n-1``).
     cluster_vote
         Smooth calls by majority vote within over-clusters of the query (optional).
+    skip_gene_check
+        Skip the check that the gene names belong to the matrix columns (for targeted
+        panels or sorted populations without housekeeping genes; see
+        :func:`cellatlas.io_genecheck.check_gene_list`).
+    doublets
+        Add scrublet doublet scores (``doublet_score``; 3-6 ms a cell, off by default).
     progress
         Callback ``(done, total)`` after every chunk.
     scheduler
@@ -286,7 +334,16 @@ def annotate(
     -------
     AnnotationResult
         Calls in input order with calibrated confidence, alternates, markers,
-        evidence, embedding, layout, gene report and provenance.
+        evidence, per-cell QC facts, embedding, layout, gene report and provenance. Cells
+        with too little information (all-zero, fewer than ``io_qc.MIN_COUNTS`` counts or
+        ``io_qc.MIN_GENES`` genes, nothing in the atlas's genes) are ``"Unassigned"``
+        with confidence 0 and a ``reason``.
+
+    Raises
+    ------
+    GeneListMismatchError
+        The gene list does not belong to the matrix columns (shifted, reversed, shuffled,
+        from another dataset); the message names the likely cause and the fix.
     """
     source = "matrix"
     if _is_anndata(X):
@@ -297,25 +354,57 @@ def annotate(
     from cellatlas.stream import is_lazy
 
     if is_lazy(X):
-        if cluster_vote:
-            raise InputError("cluster_vote needs every cell in memory; it is not available for a matrix read in blocks",
-                             field="cluster_vote", fix="Load the matrix into memory (adata.to_memory()) or leave out cluster_vote.")
+        whole = [name for name, on in (("cluster_vote", cluster_vote), ("doublets", doublets)) if on]
+        if whole:
+            raise InputError(f"{whole[0]} needs every cell in memory; it is not available for a matrix read in blocks",
+                             field=whole[0], fix=f"Load the matrix into memory (adata.to_memory()) or leave out {whole[0]}.")
         from cellatlas.stream import annotate_lazy
 
         return annotate_lazy(X, genes, cell_ids, source=source, species=species, scheduler=scheduler, chunk_size=chunk_size,
-                             progress=progress, model=model, atlas=atlas, model_path=model_path)
-    query = prepare_query(X, genes, cell_ids, species=species)
+                             progress=progress, model=model, atlas=atlas, model_path=model_path, skip_gene_check=skip_gene_check)
+    query = prepare_query(X, genes, cell_ids, species=species, skip_gene_check=skip_gene_check)
     query.report["matrix_source"] = source
     return annotate_query(
-        query, model=model, atlas=atlas, model_path=model_path, chunk_size=chunk_size, cluster_vote=cluster_vote, progress=progress
+        query, model=model, atlas=atlas, model_path=model_path, chunk_size=chunk_size, cluster_vote=cluster_vote,
+        doublets=doublets, progress=progress,
     )
 
 
-def annotate_adata(adata, *, key: str = "cell_type", layer: str | None = None, use_raw: bool | None = None, **kwargs: Any) -> AnnotationResult:
-    """Annotate an AnnData in place: ``obs[key]``, ``obs[key + '_confidence']``, ... (see ``AnnotationResult.write_adata``)."""
-    res = annotate(adata, layer=layer, use_raw=use_raw, **kwargs)
-    res.write_adata(adata, key=key)
-    return res
+def annotate_adata(
+    adata,
+    *,
+    key_added: str = "cell_type",
+    copy: bool = False,
+    layer: str | None = None,
+    use_raw: bool | None = None,
+    **kwargs: Any,
+):
+    """Annotate an AnnData: ``obs[key_added]``, ``obs[key_added + "_confidence"]``, ``_band``, ...
+
+    Parameters
+    ----------
+    adata
+        Cells x genes; counts from ``X``, ``layer`` or ``.raw`` (see :func:`annotate`).
+    key_added
+        Name of the label column and prefix of the others (default ``"cell_type"``, the
+        articles' name). An existing column of one of these names that cellatlas did not
+        write (e.g. the authors' ``cell_type``) is moved to ``<name>_uploaded`` with a
+        warning, never overwritten (:mod:`cellatlas.adata_out`).
+    copy
+        Annotate and return a copy, leaving ``adata`` untouched (as in scanpy).
+    **kwargs
+        Passed to :func:`annotate` (``model``, ``atlas``, ``species``, ...).
+
+    Returns
+    -------
+    AnnotationResult or AnnData
+        The result (in place), or the annotated copy when ``copy=True``. Also written:
+        ``obsm["X_cellatlas"]`` (embedding), ``obsm["X_cellatlas_projection"]`` (placement
+        on the atlas layout), ``uns["cellatlas"]``; ``cellatlas.pl`` draws from these.
+    """
+    from cellatlas.adata_out import annotate_into
+
+    return annotate_into(adata, lambda a: annotate(a, layer=layer, use_raw=use_raw, **kwargs), key_added=key_added, copy=copy)
 
 
 def embed(

@@ -433,7 +433,7 @@ def build_atlas(
     adata = source[keep]
     labels = labels[keep]
     log(f"reading {adata.n_obs} cells x {adata.n_vars} genes, {len(set(labels))} labels")
-    query = prepare_query(adata, layer=layer, use_raw=use_raw)
+    query = prepare_query(adata, layer=layer, use_raw=use_raw, skip_gene_check=True)  # references: not checked (yet)
     ontology = {}
     if ontology_key:
         ontology = dict(zip(labels, adata.obs[ontology_key].astype(str)))

@@ -50,6 +50,17 @@ def _summary_table(res, title: str) -> Table:
     return t
 
 
+def _print_input_notes(res) -> None:
+    """The gene-list check's verdict when not plainly ok, and how many cells were left Unassigned and why."""
+    check = res.gene_report.get("gene_check") or {}
+    if check.get("verdict") in ("warning", "skipped", "unchecked"):
+        err.print(f"[yellow]gene list {check['verdict']}:[/] {check.get('message', '')}", soft_wrap=True, highlight=False)
+    un = res.provenance.get("unassigned") or {}
+    if un.get("n_cells"):
+        why = ", ".join(f"{n} {r}" for r, n in un["reasons"].items())
+        out.print(f"Unassigned: {un['n_cells']} of {len(res)} cells too empty to call ({why})", highlight=False)
+
+
 def _progress_runner(total_hint: str):
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
 
@@ -72,57 +83,74 @@ def annotate(
     use_raw: Optional[bool] = typer.Option(None, "--use-raw/--no-use-raw", help="Read adata.raw (default: decide from the data)."),
     species: Optional[str] = typer.Option(None, help="Force human or mouse (default: detected)."),
     cluster_vote: bool = typer.Option(False, help="Smooth calls by majority vote within over-clusters (reads the whole dataset into memory)."),
+    skip_gene_check: bool = typer.Option(
+        False, "--skip-gene-check",
+        help="Do not check that the gene names belong to the matrix columns (targeted panels, sorted populations "
+        "without housekeeping genes); nothing then catches a shifted, reversed or foreign gene list.",
+    ),
+    doublets: bool = typer.Option(False, "--doublets", help="Add scrublet doublet scores (slow: 3-6 ms a cell; reads the whole dataset into memory)."),
+    key_added: str = typer.Option(
+        "cell_type", "--key-added",
+        help="obs column for the calls and prefix of the others (_confidence, _band, ...). An existing column "
+        "cellatlas did not write (e.g. the authors' cell_type) is kept as <name>_uploaded.",
+    ),
     scheduler: Optional[str] = typer.Option(None, "--scheduler", help="Score on a Dask cluster: scheduler address, e.g. tcp://host:8786 (the input must be on storage the workers share)."),
     chunk_size: Optional[int] = typer.Option(None, "--chunk-size", min=1, help="Cells per engine chunk (default CELLATLAS_CHUNK_SIZE, 8192)."),
 ):
     """Annotate a dataset chunk by chunk, write the outputs as it goes, and print a summary table."""
     from cellatlas.stream import annotate_file
 
-    if cluster_vote:
-        res, n = _annotate_in_memory(input, output, in_place, copy_x, model, atlas, model_path, layer, use_raw, species, csv, parquet)
+    if cluster_vote or doublets:
+        res, n, moved = _annotate_in_memory(input, output, in_place, copy_x, csv, parquet, key_added, layer=layer, use_raw=use_raw,
+                                            model=model, atlas=atlas, model_path=model_path, species=species,
+                                            cluster_vote=cluster_vote, doublets=doublets, skip_gene_check=skip_gene_check)
     else:
         with _progress_runner("cells") as prog:
             task = prog.add_task("annotating", total=None)
             res = annotate_file(
                 input, output=output, calls=[p for p in (csv, parquet) if p is not None], in_place=in_place, copy_x=copy_x,
-                layer=layer, use_raw=use_raw, model=model, atlas=atlas, model_path=model_path, species=species,
-                scheduler=scheduler, chunk_size=chunk_size, progress=lambda done, total: prog.update(task, completed=done, total=total),
+                key_added=key_added, layer=layer, use_raw=use_raw, model=model, atlas=atlas, model_path=model_path,
+                species=species, skip_gene_check=skip_gene_check, scheduler=scheduler, chunk_size=chunk_size,
+                progress=lambda done, total: prog.update(task, completed=done, total=total),
             )
-        n = len(res)
+        n, moved = len(res), res.moved_columns
     out.print(_summary_table(res, f"{input.name}: {n} cells, {res.provenance['seconds']:.2f} s"))
     gr = res.gene_report
     out.print(f"genes: {gr.get('id_type')} ({gr.get('species')}), {gr.get('n_genes_used')}/{gr.get('n_genes_input')} used, "
               f"atlas panel coverage {gr.get('panel_coverage', float('nan')):.0%}")
+    _print_input_notes(res)
+    for old, new in moved.items():
+        out.print(f"kept the file's obs['{old}'] as obs['{new}'] (the calls are in obs['{key_added}'])", highlight=False)
     for path in (output if output else (input if in_place else None), csv, parquet):
         if path:
             out.print(f"wrote {path}")
 
 
-def _annotate_in_memory(input, output, in_place, copy_x, model, atlas, model_path, layer, use_raw, species, csv, parquet):
-    """--cluster-vote: the whole dataset in memory (the vote clusters every cell at once)."""
+def _annotate_in_memory(input, output, in_place, copy_x, csv, parquet, key_added, **kw):
+    """--cluster-vote / --doublets: the whole dataset in memory (both look at every cell at once)."""
     import cellatlas
     from cellatlas.errors import InputError
     from cellatlas.io import read
 
     if in_place or copy_x:
-        raise InputError("--cluster-vote writes a new file only", field="cluster_vote", fix="Use -o OUT.h5ad without --in-place/--copy-x.")
+        raise InputError("--cluster-vote and --doublets write a new file only", field="cluster_vote",
+                         fix="Use -o OUT.h5ad without --in-place/--copy-x.")
     adata = read(input)
-    res = cellatlas.annotate_adata(adata, layer=layer, use_raw=use_raw, model=model, atlas=atlas, model_path=model_path,
-                                   species=species, cluster_vote=True)
+    res = cellatlas.annotate(adata, **kw)
+    moved = res.write_adata(adata, key_added=key_added)  # the same rule as cellatlas.annotate_adata
     if output:
         adata.write_h5ad(output)
     if csv:
         res.to_dataframe().to_csv(csv)
     if parquet:
         res.to_dataframe().to_parquet(parquet)
-    return res, adata.n_obs
+    return res, adata.n_obs, moved
 
 
 @app.command()
 @friendly
 def demo():
     """Annotate scanpy's bundled pbmc68k_reduced with the built-in atlas (no files needed)."""
-    import pandas as pd
     import scanpy as sc
 
     import cellatlas
@@ -131,15 +159,56 @@ def demo():
     res = cellatlas.annotate_adata(adata)
     out.print(_summary_table(res, f"pbmc68k_reduced ({adata.n_obs} cells, {adata.raw.n_vars} genes, log-normalised): "
                                   f"{res.provenance['seconds']:.2f} s on atlas {res.provenance['atlas']}"))
-    ct = pd.crosstab(adata.obs["bulk_labels"], adata.obs["cell_type"])
-    t = Table(title="authors' bulk_labels (rows) vs cellatlas calls: most common call")
-    t.add_column("bulk label")
-    t.add_column("cells", justify="right")
-    t.add_column("top call")
-    t.add_column("share", justify="right")
-    for lab, row in ct.iterrows():
-        t.add_row(str(lab), str(int(row.sum())), str(row.idxmax()), f"{row.max() / max(row.sum(), 1):.0%}")
+    _demo_comparison(adata)
+
+
+def _demo_comparison(adata) -> None:
+    """The calls against the file's own labels and clusters, with what a reader needs to judge them."""
+    from cellatlas import tl
+    from cellatlas.atlas import load_atlas
+
+    share = tl.compare(adata, "bulk_labels")
+    counts = tl.compare(adata, "bulk_labels", normalize=False)
+    expr, groups = tl.marker_expression(adata, n_genes=2)
+    calls = adata.obs["cell_type"].astype(str).to_numpy()
+    bulk = adata.obs["bulk_labels"].astype(str).to_numpy()
+    t = Table(title="the file's bulk_labels (rows) vs cellatlas calls")
+    for col, just in (("bulk label", "left"), ("cells", "right"), ("top call", "left"), ("share", "right"),
+                      ("mean conf.", "right"), ("the call's markers, % of those cells expressing", "left")):
+        t.add_column(col, justify=just)
+    for lab, row in share.iterrows():
+        top = str(row.idxmax())
+        cells = (bulk == lab) & (calls == top)
+        conf = adata.obs["cell_type_confidence"].to_numpy()[cells].mean()
+        genes = groups.get(top, [])
+        ev = ", ".join(f"{g} {(expr[cells, g].X > 0).mean():.0%}" for g in genes) or "-"
+        t.add_row(str(lab), str(int(counts.loc[lab].sum())), top, f"{row.max():.0%}", f"{conf:.2f}", ev)
     out.print(t)
+    present = set(map(str, adata.raw.var_names))
+    mono = load_atlas("human-core").marker_sets["CD14 monocyte"]
+    missing = [g for g in tl.own_markers(mono) if g not in present]
+    out.print(
+        "How to read this table:\n"
+        "- bulk_labels are not expert annotations: Zheng et al. (2017) gave each cell the FACS-sorted bulk population "
+        "its profile correlated with best, so they disagree with marker-based calls where populations are close.\n"
+        f"- the file keeps {len(present)} highly variable genes, not the transcriptome: "
+        f"{len(missing)} of the {len(tl.own_markers(mono))} CD14-monocyte markers are not among them "
+        f"({', '.join(missing)}). Monocytes are told apart "
+        "by FCGR3A (CD16) and the myeloid genes that remain; most cells labelled 'CD14+ Monocyte' express FCGR3A "
+        "(last column).\n"
+        "- small groups (8 'Naive T' cells) can follow a few cells' markers; check them in the workspace or with "
+        "cellatlas.pl.markers(adata).",
+        highlight=False,
+    )
+    summ = tl.cluster_summary(adata, "louvain")
+    t = Table(title="the file's louvain clusters: majority cellatlas call")
+    for col in ("louvain", "cells", "majority call", "share", "mean conf."):
+        t.add_column(col, justify="left" if col == "majority call" else "right")
+    for g, r in summ.iterrows():
+        t.add_row(str(g), str(r.n_cells), r.majority_label, f"{r.majority_share:.0%}", f"{r.mean_confidence:.2f}")
+    out.print(t)
+    out.print("Plots of the same: cellatlas.pl.embedding(adata), pl.compare(adata, 'bulk_labels'), "
+              "pl.cluster_summary(adata, 'louvain'), pl.markers(adata).", highlight=False)
 
 
 @atlas_app.command("build")

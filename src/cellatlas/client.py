@@ -19,6 +19,7 @@ import os
 import random
 import time
 import uuid
+import warnings
 from typing import Any, Callable, Iterator, Sequence
 
 import httpx
@@ -129,6 +130,8 @@ class Client:
             self._http.headers.update(headers)
         self._limits: dict[str, Any] | None = None
         self.last_usage: dict[str, Any] | None = None
+        self.last_warnings: list[dict[str, str]] = []
+        """``warnings`` of the last annotate/embed call (``{"code", "message"}``; also shown with :mod:`warnings`)."""
         self.last_server_timing: str | None = None
         """``Server-Timing`` of the last response: milliseconds per server step (read, parse, engine, hash, respond)."""
 
@@ -193,6 +196,7 @@ class Client:
         chunk_size: int | None = None,
         cell_ids: Sequence[str] | None = None,
         return_embedding: bool = False,
+        skip_gene_check: bool = False,
         progress: bool | None = None,
     ) -> AnnotationResult:
         """Annotate any number of cells in chunks within the server's limits, order preserved.
@@ -211,15 +215,20 @@ class Client:
             Row identifiers for the result (default ``obs_names`` or ``0..n-1``).
         return_embedding
             Also fetch embeddings and layout (``obsm`` in :meth:`annotate_adata`).
+        skip_gene_check
+            Ask the server to skip its gene-list check (targeted panels; see ``cellatlas.annotate``).
         progress
             Progress bar (default: the client's setting, shown for > 1 chunk).
         """
         X, genes, cell_ids = _as_csr(X, genes, cell_ids)
         parts: list[AnnotationResult] = []
         usage = {"cells": 0, "credits_charged": 0, "credits_left": None}
+        notes: dict[str, str] = {}
         params = {"format": "npz"} if self.transport == "binary" else {}
         if return_embedding:
             params["return_embedding"] = "true"
+        if skip_gene_check:
+            params["skip_gene_check"] = "true"
         for lo, hi, resp in self._chunked("/v1/singlecell/annotate", X, genes, model, atlas, chunk_size, params, progress):
             if "meta_json" in resp:  # columnar npz response
                 part, resp = decode_result(resp, cell_ids[lo:hi])
@@ -234,7 +243,9 @@ class Client:
                 )
             parts.append(part)
             _add_usage(usage, resp.get("usage"))
+            notes.update((w.get("code"), w.get("message")) for w in resp.get("warnings") or ())
         self.last_usage = usage
+        self._warn(notes)
         return AnnotationResult.concat(parts)
 
     def annotate_adata(
@@ -243,33 +254,49 @@ class Client:
         model: str | None = None,
         atlas: str | None = None,
         *,
+        key_added: str = "cell_type",
+        copy: bool = False,
         layer: str | None = None,
         use_raw: bool | None = None,
-        key: str = "cell_type",
         chunk_size: int | None = None,
         progress: bool | None = None,
-    ) -> AnnotationResult:
-        """Annotate an AnnData in place, writing the same obs/obsm/uns as ``cellatlas.annotate_adata``."""
+    ):
+        """Annotate an AnnData on the server, writing what ``cellatlas.annotate_adata`` writes.
+
+        Same rules: ``key_added`` names the columns, an existing column cellatlas did not
+        write is moved to ``<name>_uploaded`` (warning), ``copy=True`` returns an annotated
+        copy; otherwise the :class:`AnnotationResult` is returned.
+        """
+        from cellatlas.adata_out import annotate_into
         from cellatlas.io import counts_from_adata
 
-        X, genes, cell_ids = counts_from_adata(adata, layer=layer, use_raw=use_raw)[:3]
-        res = self.annotate_large(X, genes, model, atlas, chunk_size=chunk_size, cell_ids=cell_ids, return_embedding=True, progress=progress)
-        res.write_adata(adata, key=key)
-        return res
+        def run(target):
+            X, genes, cell_ids = counts_from_adata(target, layer=layer, use_raw=use_raw)[:3]
+            return self.annotate_large(X, genes, model, atlas, chunk_size=chunk_size, cell_ids=cell_ids, return_embedding=True, progress=progress)
+
+        return annotate_into(adata, run, key_added=key_added, copy=copy)
 
     def embed(self, X, genes: Sequence[str] | None = None, model: str | None = None, atlas: str | None = None, *, chunk_size: int | None = None, progress: bool | None = None):
         """Embeddings, layout coordinates and gene report, like ``cellatlas.embed``."""
         X, genes, _ = _as_csr(X, genes, None)
-        embs, lays, report = [], [], {}
+        embs, lays, report, notes = [], [], {}, {}
         params = {"format": "npz"} if self.transport == "binary" else {}
         for _lo, _hi, resp in self._chunked("/v1/singlecell/embed", X, genes, model, atlas, chunk_size, params, progress):
             meta = orjson.loads(resp["meta_json"].tobytes()) if "meta_json" in resp else resp
             embs.append(_f32(resp["embedding"]))
             lays.append(_f32(resp["layout"]))
             report = report or meta.get("gene_report", {})
+            notes.update((w.get("code"), w.get("message")) for w in meta.get("warnings") or ())
+        self._warn(notes)
         return np.concatenate(embs), np.concatenate(lays), report
 
     # ------------------------------------------------------------ internals
+    def _warn(self, notes: dict[str, str]) -> None:
+        """Show the server's warnings of the last call once each (e.g. a model fallback)."""
+        self.last_warnings = [{"code": c, "message": m} for c, m in notes.items()]
+        for message in notes.values():
+            warnings.warn(f"cellatlas server: {message}", UserWarning, stacklevel=4)
+
     def _chunked(self, path, X, genes, model, atlas, chunk_size, params, progress) -> Iterator[tuple[int, int, dict]]:
         bounds = list(self._chunk_bounds(X, chunk_size))
         show = (self.progress if progress is None else progress) and len(bounds) > 1

@@ -69,18 +69,23 @@ def _threads() -> int:
         return 1
 
 
-def _score(rows, ids, start: int, atlas, space: GeneSpace, values, model: str, model_path, chunk_size) -> AnnotationResult:
+def _score(rows, ids, start: int, atlas, space: GeneSpace, values, check, model: str, model_path, chunk_size) -> AnnotationResult:
+    from cellatlas.annotate import _leave_unassigned
+
     engine = _annotator(atlas, space, model, model_path)
-    query = prepare_query(rows, cell_ids=ids, space=space, values=values, row0=start)
-    return engine.score(query, chunk_size=chunk_size, threads=_threads())
+    query = prepare_query(rows, cell_ids=ids, space=space, values=values, row0=start, gene_check=check)
+    part = engine.score(query, chunk_size=chunk_size, threads=_threads())
+    _leave_unassigned(part)
+    return part
 
 
-def _score_array_block(rows, ids, start, atlas, space, values, model, model_path, chunk_size) -> AnnotationResult:
+def _score_array_block(rows, ids, start, atlas, space, values, check, model, model_path, chunk_size) -> AnnotationResult:
     """One row block of a dask array (the block itself arrives as the task's input)."""
-    return _score(rows, ids, start, atlas, space, values, model, model_path, chunk_size)
+    return _score(rows, ids, start, atlas, space, values, check, model, model_path, chunk_size)
 
 
-def _score_file_block(open_args: dict, start: int, stop: int, atlas, space, values, model, model_path, chunk_size) -> AnnotationResult:
+def _score_file_block(open_args: dict, start: int, stop: int, atlas, space, values, check, model, model_path,
+                      chunk_size) -> AnnotationResult:
     """Rows ``start:stop`` of a file the worker opens itself (kept open for its next blocks)."""
     from cellatlas.stream import open_file
 
@@ -88,7 +93,8 @@ def _score_file_block(open_args: dict, start: int, stop: int, atlas, space, valu
     if key not in _WORKER:
         _WORKER[key] = open_file(**open_args)
     src = _WORKER[key]
-    return _score(src.rows(start, stop), src.cell_ids(start, stop), start, atlas, space, values, model, model_path, chunk_size)
+    return _score(src.rows(start, stop), src.cell_ids(start, stop), start, atlas, space, values, check, model, model_path,
+                  chunk_size)
 
 
 def _chosen(source: str) -> dict[str, Any]:
@@ -107,7 +113,7 @@ def iter_annotated_dask(run: Run, scheduler: Any, *, chunk_size: int | None = No
     try:
         ann = run.annotator
         atlas_f, space_f = client.scatter([ann.atlas, run.space], broadcast=True, hash=False)
-        common = (atlas_f, space_f, run.values, ann.model, ann.model_path, chunk_size)
+        common = (atlas_f, space_f, run.values, run.gene_check, ann.model, ann.model_path, chunk_size)
         src = run.src
         size = block_size(chunk_size)
         if getattr(src, "is_dask", False):

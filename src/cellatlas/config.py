@@ -31,8 +31,14 @@ class Settings(BaseSettings):
     free_credits: int = 500
     cells_per_credit: int = 1000
     """Pricing: one credit per started block of this many cells."""
-    fallback_model: str | None = None
-    """If set (e.g. ``default``), a request for an unavailable model runs on this one, marked in provenance."""
+    fallback_model: str | None = "default"
+    """A service request for a model that cannot run here (no weights installed, or the atlas
+    has no embedding for it) runs on this model instead, and the response says so
+    (``provenance.model_used`` / ``model_requested``, a ``warnings`` entry, ``X-Model-Used``).
+    Empty: refuse with 409, as ``strict_models`` does."""
+    strict_models: bool = False
+    """Refuse (409 ``model_unavailable``) a request for a model that cannot run here instead of
+    answering with ``fallback_model``."""
     workspace_max_upload_bytes: int = 1024**3
     """Largest file the browser workspace accepts (bigger datasets: the Python client's ``annotate_large``)."""
     workspace_ttl_hours: float = 24.0

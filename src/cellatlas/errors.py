@@ -47,6 +47,9 @@ class CellAtlasError(Exception):
         """Message and fix on one line, for the CLI."""
         return f"{self.message}" + (f" Fix: {self.fix}" if self.fix else "")
 
+    def __str__(self) -> str:  # tracebacks (and the HTTP client's errors) show the fix too
+        return self.one_line()
+
 
 class InputError(CellAtlasError):
     """The matrix, gene list or options are malformed."""
@@ -59,6 +62,12 @@ class GeneMismatchError(InputError):
     """Too few of the user's genes are known to the atlas/model (wrong id type, species, order)."""
 
     code = "gene_mismatch"
+
+
+class GeneListMismatchError(GeneMismatchError):
+    """The gene names do not belong to the matrix columns (shifted, reversed, shuffled or from another dataset)."""
+
+    code = "gene_list_mismatch"
 
 
 class UnknownAtlasError(CellAtlasError):

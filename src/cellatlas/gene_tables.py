@@ -85,6 +85,7 @@ def mouse_tables() -> dict[str, Any]:
         "lower": _unique_by(keys, human, str.lower),
         "symbols": frozenset(symbols),
         "symbols_lower": frozenset(map(str.lower, symbols)),
+        "symbol_case": _unique_by(symbols, symbols, str.lower),
     }
 
 

@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from typing import Any, Iterable, Sequence
 
 from cellatlas.errors import GeneMismatchError, InputError
+from cellatlas.gene_tables import _variants as _variants_of
 from cellatlas.gene_tables import (
     ENSG,
     ENSMUSG,
@@ -37,7 +38,7 @@ from cellatlas.gene_tables import (
 )
 
 __all__ = [
-    "GeneMapping", "check_coverage", "coverage", "detect_id_type", "load_tables", "map_genes",
+    "GeneMapping", "check_coverage", "coverage", "detect_id_type", "display_name", "load_tables", "map_genes",
     "ID_TYPES", "METHODS", "MIN_OVERLAP_GENES", "MIN_PANEL_FRACTION",
 ]
 
@@ -257,6 +258,21 @@ def map_genes(genes: Iterable[Any], species: str | None = None) -> GeneMapping:
         n_repaired=sum(h.repaired or r != n for h, r, n in zip(hits, raw, names)),
         duplicates={s: v for s, v in by_symbol.items() if len(v) > 1},
     )
+
+
+def display_name(name: str, species: str) -> str:
+    """A gene name as a biologist writes it: mouse symbols in MGI case.
+
+    Files that upper-case mouse symbols ('0610007P14RIK', 'PPBP') are shown as MGI writes
+    them ('0610007P14Rik', 'Ppbp'); R's 'X' prefix is dropped. Human names are returned as given.
+    """
+    if species != "mouse":
+        return name
+    case = mouse_tables()["symbol_case"]
+    for cand, _ in _variants_of(name):
+        if cand.lower() in case:
+            return case[cand.lower()]
+    return name
 
 
 # --------------------------------------------------------------------------- coverage

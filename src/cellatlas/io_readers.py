@@ -139,7 +139,7 @@ def _build(
 
 def _fail(path: Path, what: str, exc: Exception) -> InputError:
     return InputError(f"could not read {path.name} as {what}: {exc}", field="file",
-                      fix=f"Check that the file is a complete, uncorrupted {what}; supported inputs: {SUPPORTED}.")
+                      fix=f"Check that {path.name} is complete and not corrupted (expected: {what}); supported inputs: {SUPPORTED}.")
 
 
 # --------------------------------------------------------------------------- HDF5

@@ -150,21 +150,21 @@ def _int_array(values: Any, field: str) -> np.ndarray:
 
 
 # --------------------------------------------------------------------------- values
-def sample_index(n: int) -> np.ndarray:
+def sample_index(n: int, n_rows: int = _DETECT_ROWS) -> np.ndarray:
     """The rows (increasing) that value detection reads of an ``n``-row matrix: up to 2000, evenly spread.
 
     A dataset read in blocks is judged on these same rows, so it is converted as the
     whole matrix in memory would be.
     """
-    return np.unique(np.linspace(0, n - 1, min(n, _DETECT_ROWS)).astype(np.int64))
+    return np.unique(np.linspace(0, n - 1, min(n, n_rows)).astype(np.int64))
 
 
-def _sample_rows(X: Any) -> sp.csr_matrix:
-    """Up to ``_DETECT_ROWS`` rows spread evenly over ``X``, as float32 CSR."""
+def sample_rows(X: Any, n_rows: int = _DETECT_ROWS) -> sp.csr_matrix:
+    """Up to ``n_rows`` rows spread evenly over ``X`` (deterministic), as float32 CSR; NaN/inf read as 0."""
     X = as_matrix_like(X)
     if len(X.shape) != 2 or X.shape[0] == 0 or np.dtype(X.dtype).kind not in "biuf":
         return sp.csr_matrix((0, 0), dtype=np.float32)
-    idx = sample_index(X.shape[0])
+    idx = sample_index(X.shape[0], n_rows)
     if sp.issparse(X) and X.format not in ("csr", "csc"):
         X = sp.csr_matrix(X)
     sub = X[idx]
@@ -218,7 +218,7 @@ def detect_log_base(X: Any) -> float:
         that (TPM-based values), the base whose back-transformed rows have the most
         constant sums; ``e`` when nothing stands out.
     """
-    sub = _sample_rows(X)
+    sub = sample_rows(X)
     data = np.clip(sub.data.astype(np.float64), 0.0, _LOG_MAX)
     if data.size == 0:
         return float(np.e)
@@ -257,7 +257,7 @@ def detect_values(X: Any) -> str:
     (:func:`cellatlas.io.validate_matrix` rejects them). For ``"lognorm"`` the log
     base is found by :func:`detect_log_base`.
     """
-    sub = _sample_rows(X)
+    sub = sample_rows(X)
     v = sub.data
     if v.size == 0:
         return "counts"

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import os
+import warnings
 from pathlib import Path
 from dataclasses import dataclass, field
 from functools import cached_property, lru_cache
@@ -22,6 +23,8 @@ import scipy.sparse as sp
 from cellatlas import io as cio
 from cellatlas.errors import InputError
 from cellatlas.genes import map_genes
+from cellatlas.io_genecheck import check_gene_list, skipped_check
+from cellatlas.io_qc import CellQC, cell_qc, mito_mask
 from cellatlas.sparse import ColumnPlan, row_block
 
 
@@ -51,6 +54,18 @@ class Query:
     def counts(self) -> sp.csr_matrix:
         """Canonical CSR counts over :attr:`genes` (merged columns summed)."""
         return ColumnPlan.from_colmap(self.colmap, len(self.genes)).apply(self.raw)
+
+    @cached_property
+    def mito(self) -> np.ndarray:
+        """Boolean mask of the mitochondrial input columns."""
+        if self.mapping is None:
+            return np.zeros(self.raw.shape[1], dtype=bool)
+        return mito_mask(self.mapping.genes, self.mapping.symbols)
+
+    def qc(self, start: int = 0, stop: int | None = None) -> CellQC:
+        """Per-cell QC facts (:func:`cellatlas.io_qc.cell_qc`) of rows ``start:stop`` over every input column."""
+        stop = self.n_cells if stop is None else stop
+        return cell_qc(row_block(self.raw, start, stop), self.mito)
 
     def plan(self, gene_cols: np.ndarray) -> ColumnPlan:
         """How to read the symbols at positions ``gene_cols`` of :attr:`genes` from the input columns."""
@@ -194,9 +209,11 @@ def prepare_query(
     layer: str | None = None,
     use_raw: bool | None = None,
     species: str | None = None,
+    skip_gene_check: bool = False,
     space: GeneSpace | None = None,
     values: tuple[str, float | None] | None = None,
     row0: int = 0,
+    gene_check: Any = None,
 ) -> Query:
     """Validate, normalise identifiers and merge duplicates.
 
@@ -213,6 +230,10 @@ def prepare_query(
         Which AnnData matrix to read (see :func:`cellatlas.io.choose_matrix`).
     species
         Force ``"human"`` or ``"mouse"`` instead of detecting it.
+    skip_gene_check
+        Do not check that the gene names belong to the matrix columns
+        (:func:`cellatlas.io_genecheck.check_gene_list`); for targeted panels or sorted
+        populations without housekeeping genes. The gene report says it was skipped.
     space
         The columns' :class:`GeneSpace` when already mapped (chunks of one dataset);
         ``genes`` and ``species`` are then not read.
@@ -221,6 +242,15 @@ def prepare_query(
         chunk is then converted alike); detected on this matrix otherwise.
     row0
         Row of the first cell in the whole dataset (error messages name that row).
+    gene_check
+        The :class:`~cellatlas.io_genecheck.GeneCheck` of the whole dataset (chunks: checked
+        once, on the value-detection sample); run on this matrix otherwise.
+
+    Raises
+    ------
+    GeneListMismatchError
+        The gene list looks shifted, reversed, shuffled or taken from another dataset
+        (a weaker mismatch is a warning in ``report["gene_check"]``).
     """
     source = "matrix"
     if _is_anndata(X):
@@ -237,6 +267,17 @@ def prepare_query(
         kind = cio.detect_values(counts)
         values = (kind, cio.detect_log_base(counts) if kind == "lognorm" else None)
     counts = cio.to_counts_like(counts, values[0], values[1])
+    if gene_check is None:
+        gene_check = run_gene_check(counts, space, skip_gene_check)
     report = copy.deepcopy(space.report)
-    report.update({"matrix_source": source, "values": values[0], "n_cells": int(n)})
+    report.update({"matrix_source": source, "values": values[0], "n_cells": int(n), "gene_check": gene_check.report()})
     return Query(counts, space.colmap, list(space.genes), cell_ids, report, space.mapping)
+
+
+def run_gene_check(counts: sp.csr_matrix, space: GeneSpace, skip: bool = False):
+    """The gene-list check of counts over ``space``'s columns: raises on a mismatch, warns on a weak one."""
+    check = skipped_check() if skip else check_gene_list(counts, space.mapping.symbols)
+    check.raise_for_error()
+    if check.verdict == "warning":
+        warnings.warn(f"{check.message} {check.fix}", UserWarning, stacklevel=3)
+    return check

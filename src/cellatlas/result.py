@@ -65,7 +65,7 @@ def band_of(confidence: np.ndarray) -> np.ndarray:
     return np.where(c >= CONFIDENT, "confident", np.where(c >= REVIEW, "review", "low")).astype(object)
 
 
-@dataclass
+@dataclass(repr=False)
 class AnnotationResult:
     """Per-cell calls, in input order.
 
@@ -104,8 +104,18 @@ class AnnotationResult:
         label) and the calibrated probability that the cell belongs to it (NaN where there is
         no parent, or the atlas predates this calibration). A "Naive CD4 T cell" under review
         may be a confident "CD4 T cell": the parent is what to read when the fine call is under review.
+    total_counts, n_genes, pct_mito
+        Per-cell QC facts over every input gene: total counts (count-like values for
+        log-normalised input), genes detected, percent of counts in MT- genes (NaN when the
+        data have none); NaN/-1 when unknown (results rebuilt from older wire data).
+    doublet_score
+        scrublet doublet score (NaN unless ``annotate(..., doublets=True)``).
+    reason
+        Why the cell is ``"Unassigned"`` (too few counts or genes, nothing in the genes the
+        atlas reads; see :mod:`cellatlas.io_qc`); ``""`` for called cells.
     embedding, layout
-        Query embedding ``[n, d]`` and 2-D coordinates on the atlas layout ``[n, 2]``.
+        Query embedding ``[n, d]`` and the cells' 2-D placement on the atlas's reference
+        layout ``[n, 2]`` (a projection, not a UMAP of the query; see ``cellatlas.pl``).
     gene_report
         Dict describing id detection, mapping and coverage.
     provenance
@@ -128,6 +138,11 @@ class AnnotationResult:
     novel: np.ndarray
     parent_label: np.ndarray | None = None
     parent_confidence: np.ndarray | None = None
+    total_counts: np.ndarray | None = None
+    n_genes: np.ndarray | None = None
+    pct_mito: np.ndarray | None = None
+    doublet_score: np.ndarray | None = None
+    reason: np.ndarray | None = None
     embedding: np.ndarray | None = None
     layout: np.ndarray | None = None
     gene_report: dict[str, Any] = field(default_factory=dict)
@@ -141,6 +156,13 @@ class AnnotationResult:
             self.parent_label = np.full(n, "", dtype=object)
         if self.parent_confidence is None:
             self.parent_confidence = np.full(n, np.nan, dtype=np.float32)
+        for name in ("total_counts", "pct_mito", "doublet_score"):
+            if getattr(self, name) is None:
+                setattr(self, name, np.full(n, np.nan, dtype=np.float32))
+        if self.n_genes is None:
+            self.n_genes = np.full(n, -1, dtype=np.int32)
+        if self.reason is None:
+            self.reason = np.full(n, "", dtype=object)
 
     @property
     def band(self) -> np.ndarray:
@@ -148,6 +170,20 @@ class AnnotationResult:
 
     def __len__(self) -> int:
         return len(self.label)
+
+    def __repr__(self) -> str:
+        """A few lines (the per-cell arrays are for ``to_dataframe()``, not for printing)."""
+        n, prov = len(self), self.provenance or {}
+        labels, counts = np.unique(np.asarray(self.label, dtype=str), return_counts=True)
+        top = ", ".join(f"{labels[i]} {counts[i]:,}" for i in np.argsort(-counts, kind="stable")[:5])
+        bands = self.band
+        shares = ", ".join(f"{b} {np.mean(bands == b):.0%}" for b in ("confident", "review", "low")) if n else "-"
+        more = f" (+{len(labels) - 5} more)" if len(labels) > 5 else ""
+        return (
+            f"AnnotationResult: {n:,} cells, {len(labels)} labels; model {prov.get('model', '?')}, "
+            f"atlas {prov.get('atlas', '?')}\n  bands: {shares}; novel {int(np.sum(self.novel)):,}\n"
+            f"  labels: {top}{more}\n  per cell: .to_dataframe(); per label: .summary()"
+        )
 
     # ------------------------------------------------------------------ views
     def to_dataframe(self) -> pd.DataFrame:
@@ -174,25 +210,35 @@ class AnnotationResult:
                 "agreement": np.asarray(self.agreement, dtype=bool),
                 "atlas_distance": np.asarray(self.distance, dtype=float),
                 "novel": np.asarray(self.novel, dtype=bool),
+                "reason": np.asarray(self.reason, dtype=object),
+                "total_counts": np.asarray(self.total_counts, dtype=float),
+                "n_genes": np.asarray(self.n_genes, dtype=np.int64),
+                "pct_mito": np.asarray(self.pct_mito, dtype=float),
+                "doublet_score": np.asarray(self.doublet_score, dtype=float),
             },
             index=pd.Index(np.asarray(self.cell_ids).astype(str), name="cell_id"),
         )
         return df
 
-    def write_adata(self, adata, key: str = "cell_type") -> None:
-        """Write the calls into ``adata`` in place.
+    def write_adata(self, adata, key_added: str = "cell_type", *, reserve=()) -> dict[str, str]:
+        """Write the calls into ``adata`` in place; returns the user's columns moved aside.
 
-        obs: ``cell_type``, ``cell_type_confidence``, ``cell_type_band``,
-        ``cell_type_ontology_id``, ``cell_type_level``, ``cell_type_parent``,
-        ``cell_type_parent_confidence``, ``cell_type_alternates``,
-        ``cell_type_markers``, ``cell_type_novel``, ``cell_type_agreement``;
-        obsm: ``X_cellatlas`` (embedding), ``X_cellatlas_umap`` (layout);
-        uns: ``cellatlas`` (provenance and gene report).
+        obs: ``{key_added}``, ``{key_added}_confidence``, ``_band``, ``_ontology_id``, ``_level``,
+        ``_parent``, ``_parent_confidence``, ``_alternates``, ``_markers``, ``_novel``,
+        ``_agreement``, ``_reason``, ``_total_counts``, ``_n_genes``, ``_pct_mito``, ``_doublet_score``;
+        obsm: ``X_cellatlas`` (embedding), ``X_cellatlas_projection`` (the
+        cells placed on the atlas's 2-D reference layout: not a UMAP of these cells); uns:
+        ``cellatlas`` (provenance, gene report, ``key_added``, the columns written). An existing
+        column of the same name that cellatlas did not write is moved to ``<name>_uploaded``
+        (:mod:`cellatlas.adata_out`), never overwritten.
         """
+        from cellatlas.adata_out import put_obs, record
+
         if adata.n_obs != len(self):
             raise ValueError(f"adata has {adata.n_obs} cells but the result has {len(self)}")
+        key = key_added
         df = self.to_dataframe()
-        obs = adata.obs
+        obs = pd.DataFrame(index=adata.obs.index)
         obs[key] = pd.Categorical(df["cell_type"].to_numpy())
         obs[f"{key}_confidence"] = df["cell_type_confidence"].to_numpy()
         obs[f"{key}_band"] = pd.Categorical(df["cell_type_band"].to_numpy(), categories=["confident", "review", "low"])
@@ -204,11 +250,19 @@ class AnnotationResult:
         obs[f"{key}_markers"] = df["markers"].to_numpy().astype(str)
         obs[f"{key}_novel"] = df["novel"].to_numpy()
         obs[f"{key}_agreement"] = df["agreement"].to_numpy()
+        obs[f"{key}_reason"] = df["reason"].to_numpy().astype(str)
+        for name in ("total_counts", "n_genes", "pct_mito", "doublet_score"):
+            obs[f"{key}_{name}"] = df[name].to_numpy()
+        renamed = put_obs(adata, obs, reserve=reserve)
         if self.embedding is not None:
             adata.obsm["X_cellatlas"] = np.asarray(self.embedding, dtype=np.float32)
         if self.layout is not None:
-            adata.obsm["X_cellatlas_umap"] = np.asarray(self.layout, dtype=np.float32)
-        adata.uns["cellatlas"] = _jsonable({"provenance": self.provenance, "gene_report": self.gene_report})
+            adata.obsm["X_cellatlas_projection"] = np.asarray(self.layout, dtype=np.float32)
+        before = adata.uns.get("cellatlas", {})
+        uns = {"provenance": self.provenance, "gene_report": self.gene_report,
+               "moved_columns": before.get("moved_columns", {}) if isinstance(before, dict) else {}}
+        adata.uns["cellatlas"] = _jsonable(record(uns, obs.columns, key, renamed))
+        return renamed
 
     def to_calls(self, evidence: bool = True) -> list[dict[str, Any]]:
         """The wire format: one dict per cell, in input order (columns converted once, not per cell)."""
@@ -223,17 +277,20 @@ class AnnotationResult:
             [{"label": str(lab), "score": sc} for lab, sc in zip(labs, scs) if lab != ""]
             for labs, scs in zip(alt_labels, alt_scores)
         ]
-        pc = np.asarray(self.parent_confidence, dtype=float)
-        parent_conf = [None if c != c else c for c in col(pc, 4)]  # NaN -> null
+        parent_conf = _nullable(self.parent_confidence, 4)
         base = zip(
             col(self.label), col(self.confidence, 4), alternates, self.markers, col(self.band),
             col(self.ontology_id), col(self.level), col(np.asarray(self.novel, dtype=bool)),
             col(self.parent_label), parent_conf,
         )
+        n_genes = [None if g < 0 else g for g in col(np.asarray(self.n_genes, dtype=np.int64))]  # -1: unknown
+        qc = zip(col(self.reason), _nullable(self.total_counts, 1), n_genes,
+                 _nullable(self.pct_mito, 3), _nullable(self.doublet_score, 4))
         calls = [
             {"label": str(lab), "confidence": conf, "alternates": alts, "markers": list(mk), "band": band,
-             "ontology_id": str(oid), "level": str(lvl), "novel": nov, "parent_label": str(pl), "parent_confidence": pcf}
-            for lab, conf, alts, mk, band, oid, lvl, nov, pl, pcf in base
+             "ontology_id": str(oid), "level": str(lvl), "novel": nov, "parent_label": str(pl), "parent_confidence": pcf,
+             "reason": str(why), "qc": {"total_counts": tc, "n_genes": ng, "pct_mito": pm, "doublet_score": ds}}
+            for (lab, conf, alts, mk, band, oid, lvl, nov, pl, pcf), (why, tc, ng, pm, ds) in zip(base, qc)
         ]
         if evidence:
             ev = zip(
@@ -258,6 +315,11 @@ class AnnotationResult:
         """Rebuild a result from wire calls (the inverse of :meth:`to_calls`)."""
         n = len(calls)
         ev = [c.get("evidence") or {} for c in calls]
+        qc = [c.get("qc") or {} for c in calls]
+
+        def num(rows, key, dtype, missing):
+            return np.array([missing if r.get(key) is None else r[key] for r in rows], dtype=dtype)
+
         conf = np.array([c["confidence"] for c in calls], dtype=np.float32)
         return cls(
             cell_ids=np.asarray(cell_ids if cell_ids is not None else [str(i) for i in range(n)], dtype=object),
@@ -275,9 +337,12 @@ class AnnotationResult:
             distance=np.array([e.get("atlas_distance", np.nan) for e in ev], dtype=np.float32),
             novel=np.array([c.get("novel", False) for c in calls], dtype=bool),
             parent_label=np.array([c.get("parent_label", "") for c in calls], dtype=object),
-            parent_confidence=np.array(
-                [np.nan if c.get("parent_confidence") is None else c["parent_confidence"] for c in calls], dtype=np.float32
-            ),
+            parent_confidence=num(calls, "parent_confidence", np.float32, np.nan),
+            total_counts=num(qc, "total_counts", np.float32, np.nan),
+            n_genes=num(qc, "n_genes", np.int32, -1),
+            pct_mito=num(qc, "pct_mito", np.float32, np.nan),
+            doublet_score=num(qc, "doublet_score", np.float32, np.nan),
+            reason=np.array([c.get("reason", "") for c in calls], dtype=object),
             embedding=embedding,
             layout=layout,
             gene_report=gene_report or {},
@@ -316,6 +381,11 @@ class AnnotationResult:
             novel=cat("novel"),
             parent_label=cat("parent_label"),
             parent_confidence=cat("parent_confidence"),
+            total_counts=cat("total_counts"),
+            n_genes=cat("n_genes"),
+            pct_mito=cat("pct_mito"),
+            doublet_score=cat("doublet_score"),
+            reason=cat("reason"),
             embedding=cat("embedding"),
             layout=cat("layout"),
             gene_report=first.gene_report,
@@ -342,6 +412,12 @@ def summarise(df: pd.DataFrame) -> pd.DataFrame:
             "novel": g["novel"].mean().round(3),
         }
     ).sort_values("cells", ascending=False)
+
+
+def _nullable(values, digits: int) -> list:
+    """Rounded floats with NaN as ``None`` (JSON null)."""
+    a = np.round(np.asarray(values, dtype=float), digits)
+    return [None if v != v else v for v in a.tolist()]
 
 
 def _jsonable(obj):

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import threading
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from queue import Queue
@@ -26,11 +27,11 @@ import pandas as pd
 import scipy.sparse as sp
 
 from cellatlas import io as cio
-from cellatlas.annotate import DEFAULT_MODEL, Annotator, block_size
+from cellatlas.annotate import DEFAULT_MODEL, Annotator, _leave_unassigned, block_size
 from cellatlas.atlas import DEFAULT_ATLAS, Atlas
 from cellatlas.errors import InputError
 from cellatlas.io_values import sample_index
-from cellatlas.query import GeneSpace, gene_space, prepare_query
+from cellatlas.query import GeneSpace, gene_space, prepare_query, run_gene_check
 from cellatlas.result import AnnotationResult, summarise
 from cellatlas.stream_sources import ArraySource, CellSource, StoreSource, TenxH5Source, is_dask, is_lazy, open_file
 
@@ -39,11 +40,11 @@ __all__ = ["ArraySource", "CellSource", "FileAnnotation", "Run", "StoreSource", 
 
 
 # --------------------------------------------------------------------------- engine
-def detect_source_values(src: CellSource) -> tuple[str, float | None]:
-    """``(kind, log_base)`` of a source, judged on the rows the in-memory path samples."""
+def detect_source_values(src: CellSource) -> tuple[tuple[str, float | None], Any]:
+    """``(kind, log_base)`` of a source, judged on the rows the in-memory path samples, and those rows."""
     sample = src.sample(sample_index(src.n_cells))
     kind = cio.detect_values(sample)
-    return kind, (cio.detect_log_base(sample) if kind == "lognorm" else None)
+    return (kind, (cio.detect_log_base(sample) if kind == "lognorm" else None)), sample
 
 
 def _blocks(src: CellSource, size: int) -> Iterator[tuple[int, Any, np.ndarray]]:
@@ -74,15 +75,19 @@ def iter_annotated(
     space: GeneSpace,
     values: tuple[str, float | None],
     annotator: Annotator,
+    gene_check: Any = None,
     chunk_size: int | None = None,
     progress: Callable[[int], None] | None = None,
 ) -> Iterator[AnnotationResult]:
-    """Results of consecutive blocks of ``src``, in order (each validated and scored on its own)."""
+    """Results of consecutive blocks of ``src``, in order (each validated and scored on its own;
+    cells with too little information left ``Unassigned`` as in memory)."""
     nonzero = False
     for start, rows, ids in _blocks(src, block_size(chunk_size)):
-        query = prepare_query(rows, cell_ids=ids, space=space, values=values, row0=start)
+        query = prepare_query(rows, cell_ids=ids, space=space, values=values, row0=start, gene_check=gene_check)
         nonzero = nonzero or bool(query.raw.nnz and query.raw.data.any())
-        yield annotator.score(query, chunk_size=chunk_size, progress=progress)
+        part = annotator.score(query, chunk_size=chunk_size, progress=progress)
+        _leave_unassigned(part)
+        yield part
     if not nonzero:
         raise InputError(f"matrix has no non-zero value ({src.n_cells} cells x {len(src.genes)} genes)", field="matrix",
                          fix="Check that the matrix was filled with counts (not an empty or all-zero subset).")
@@ -96,18 +101,23 @@ class Run:
     space: GeneSpace
     values: tuple[str, float | None]
     annotator: Annotator
+    gene_check: Any = None
     t0: float = field(default_factory=time.perf_counter)
+    unassigned: Counter = field(default_factory=Counter)
 
     @classmethod
     def start(cls, src: CellSource, *, model: str = DEFAULT_MODEL, atlas: str | Atlas = DEFAULT_ATLAS,
-              species: str | None = None, model_path=None) -> "Run":
+              species: str | None = None, model_path=None, skip_gene_check: bool = False) -> "Run":
+        """Map the genes, judge the values and check the gene list once (on the value-detection sample)."""
         t0 = time.perf_counter()
         space = gene_space(src.genes, species)
-        values = detect_source_values(src)
-        if values[0] == "scaled":
-            cio.to_counts_like(sp.csr_matrix((1, 1), dtype=np.float32), "scaled")  # raises the usual error
+        values, sample = detect_source_values(src)
+        sample = sp.csr_matrix(sample, dtype=np.float32, copy=True)
+        sample.data[~np.isfinite(sample.data)] = 0  # the blocks name such values with their rows
+        sample = cio.to_counts_like(sample, *values)  # scaled values: the usual error
+        check = run_gene_check(sample, space, skip_gene_check)
         annotator = Annotator(space, model=model, atlas=atlas, model_path=model_path)
-        return cls(src, space, values, annotator, t0)
+        return cls(src, space, values, annotator, check, t0)
 
     def parts(self, *, scheduler=None, chunk_size: int | None = None,
               progress: Callable[[int], None] | None = None) -> Iterator[AnnotationResult]:
@@ -115,15 +125,21 @@ class Run:
         if scheduler is not None:
             from cellatlas.cluster import iter_annotated_dask
 
-            return iter_annotated_dask(self, scheduler, chunk_size=chunk_size, progress=progress)
-        return iter_annotated(self.src, space=self.space, values=self.values, annotator=self.annotator,
-                              chunk_size=chunk_size, progress=progress)
+            parts = iter_annotated_dask(self, scheduler, chunk_size=chunk_size, progress=progress)
+        else:
+            parts = iter_annotated(self.src, space=self.space, values=self.values, annotator=self.annotator,
+                                   gene_check=self.gene_check, chunk_size=chunk_size, progress=progress)
+        for part in parts:
+            reasons = np.asarray(part.reason, dtype=object)
+            self.unassigned.update(reasons[reasons != ""].astype(str).tolist())
+            yield part
 
     def finish(self, res: AnnotationResult, n_cells: int) -> AnnotationResult:
         """Set the gene report and provenance of the whole run on ``res``."""
         res.gene_report = {**self.space.report, "matrix_source": self.src.source, "values": self.values[0],
-                           "n_cells": int(n_cells), **self.annotator.rt.report}
-        res.provenance = self.annotator.provenance(n_cells, time.perf_counter() - self.t0)
+                           "n_cells": int(n_cells), "gene_check": self.gene_check.report(), **self.annotator.rt.report}
+        unassigned = {"n_cells": int(sum(self.unassigned.values())), "reasons": dict(sorted(self.unassigned.items()))}
+        res.provenance = self.annotator.provenance(n_cells, time.perf_counter() - self.t0, unassigned=unassigned)
         return res
 
 
@@ -175,6 +191,8 @@ class FileAnnotation:
     gene_report: dict[str, Any]
     provenance: dict[str, Any]
     outputs: dict[str, str]
+    moved_columns: dict[str, str] = field(default_factory=dict)
+    """The input's own obs columns kept under new names in the annotated .h5ad (``{old: new}``)."""
 
     def __len__(self) -> int:
         return len(self.calls)
@@ -228,6 +246,7 @@ def annotate_file(
     atlas: str | Atlas = DEFAULT_ATLAS,
     species: str | None = None,
     model_path=None,
+    skip_gene_check: bool = False,
     scheduler=None,
     chunk_size: int | None = None,
     fmt: str | None = None,
@@ -257,8 +276,9 @@ def annotate_file(
         (stored bytes copied as they are, not re-encoded).
     key_added
         Name of the label column and prefix of the others.
-    layer, use_raw, model, atlas, species, model_path
-        As for :func:`cellatlas.annotate`.
+    layer, use_raw, model, atlas, species, model_path, skip_gene_check
+        As for :func:`cellatlas.annotate` (the gene-list check runs once, on the 2,000 rows
+        value detection reads).
     scheduler
         A ``dask.distributed`` scheduler address or ``Client``: blocks are scored on that
         cluster (the workers read the input from its path, so it must be on storage they share).
@@ -281,7 +301,7 @@ def annotate_file(
     src = open_file(path, layer=layer, use_raw=use_raw, fmt=fmt, writable=in_place)
     writers: list = []
     try:
-        run = Run.start(src, model=model, atlas=atlas, species=species, model_path=model_path)
+        run = Run.start(src, model=model, atlas=atlas, species=species, model_path=model_path, skip_gene_check=skip_gene_check)
         calls = [] if calls is None else [calls] if isinstance(calls, (str, Path)) else list(calls)
         writers.extend(CallsWriter(Path(c)) for c in calls)
         if output is not None or in_place:
@@ -296,8 +316,9 @@ def annotate_file(
         if last is None:
             raise InputError(f"{Path(path).name} holds no cells", field="file", fix="Annotate a file with at least one cell.")
         run.finish(last, src.n_cells)
+        moved: dict[str, str] = {}
         for w in writers:
-            w.close(last)
+            moved.update(w.close(last) or {})
         writers = []
     finally:
         for w in writers:
@@ -306,4 +327,4 @@ def annotate_file(
     outputs = {f"calls{i or ''}": str(c) for i, c in enumerate(calls)}
     if output is not None or in_place:
         outputs["h5ad"] = str(output if output is not None else path)
-    return FileAnnotation(acc.frame(), last.gene_report, last.provenance, outputs)
+    return FileAnnotation(acc.frame(), last.gene_report, last.provenance, outputs, moved)

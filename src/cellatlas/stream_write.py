@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import gzip
 import os
-import warnings
 from pathlib import Path
 from typing import Any
 
@@ -225,21 +224,19 @@ class H5adWriter:
             ds[a:b] = values.astype(str).to_numpy(dtype=object)
 
     # ------------------------------------------------------------------ finish
-    def close(self, last: AnnotationResult) -> None:
-        """Move the new columns into place, write uns and the column order; rename the file."""
+    def close(self, last: AnnotationResult) -> dict[str, str]:
+        """Move the new columns into place, write uns and the column order; rename the file.
+
+        Returns the input's own columns moved aside (``{old: new}``)."""
         import h5py
 
         if self.pos != self.n:
             raise RuntimeError(f"wrote {self.pos} of {self.n} cells")
         obs, obsm, uns = self.f["obs"], self.f["obsm"], self.f["uns"]
-        replaced = [col for col in self.columns if col in obs]
-        if replaced:
-            where = self.output.name if self.output is not None else "the input file"
-            warnings.warn(f"the input's obs columns {replaced} are replaced by the annotations in {where}; "
-                          "pass another key_added (--key-added) to keep them", UserWarning, stacklevel=3)
+        renamed = self._move_aside(obs, uns)
         for col in self.columns:
             if col in obs:
-                del obs[col]
+                del obs[col]  # a column an earlier cellatlas run wrote: replaced, as in memory
             if col in self.cats:
                 g = obs.create_group(col)
                 _attrs(g, "categorical")
@@ -250,7 +247,8 @@ class H5adWriter:
                 _attrs(g["categories"], "string-array")
             else:
                 obs.move(_TMP + col, col)
-        order = [str(c) for c in obs.attrs.get("column-order", []) if str(c) not in self.columns]
+        order = [renamed.get(str(c), str(c)) for c in obs.attrs.get("column-order", [])]
+        order = [c for c in order if c not in self.columns]
         obs.attrs["column-order"] = np.asarray(order + self.columns, dtype=object)
         for name in [k for k in obsm.keys() if k.startswith(_TMP)]:
             final = name[len(_TMP):]
@@ -259,6 +257,8 @@ class H5adWriter:
             obsm.move(name, final)
         stub = _Stub(len(last))
         last.write_adata(stub, self.key)
+        rec = stub.uns.get("cellatlas", {})
+        rec["moved_columns"] = {**self._previous("moved_columns", {}), **renamed}
         for name, value in stub.uns.items():
             if name in uns:
                 del uns[name]
@@ -268,6 +268,28 @@ class H5adWriter:
             os.replace(self.tmp, self.output)
         else:
             self.f.flush()
+        return renamed
+
+    def _previous(self, name: str, default):
+        """An entry of the input's ``uns["cellatlas"]`` (what an earlier run recorded)."""
+        from anndata.io import read_elem
+
+        rec = self.f.get("uns/cellatlas")
+        return read_elem(rec[name]) if rec is not None and name in rec else default
+
+    def _move_aside(self, obs, uns) -> dict[str, str]:
+        """The input's own obs columns named like the new ones, renamed ``<name>_uploaded`` (the rule of
+        :mod:`cellatlas.adata_out`, applied to the file); columns an earlier cellatlas run wrote are left to replace."""
+        from cellatlas.adata_out import move_aside, warn_moved
+
+        ours = {str(c) for c in np.asarray(self._previous("obs_columns", [])).tolist()}
+        existing = _Stub(0)
+        existing.obs = pd.DataFrame(columns=[str(k) for k in obs.keys() if not k.startswith(_TMP) and k != obs.attrs.get("_index")])
+        renamed = move_aside(existing, self.columns, ours=ours)
+        for old, new in renamed.items():
+            obs.move(old, new)
+        warn_moved(renamed, stacklevel=4)
+        return renamed
 
     def abort(self) -> None:
         """Drop what was written: the temporary file, or the temporary columns of an in-place run."""

@@ -168,8 +168,8 @@ def npz_body():
 # ---------------------------------------------------------------- live server
 @pytest.fixture
 def live_server(make_client, serve_in_thread):
-    """A live server on loopback (uvicorn, keys required, fallback model ``default``): ``(url, ledger)``."""
-    _tc, app = make_client(require_api_key=True, fallback_model="default")
+    """A live server on loopback (uvicorn, keys required, settings as shipped): ``(url, ledger)``."""
+    _tc, app = make_client(require_api_key=True)
     return serve_in_thread(app), app.state.ledger
 
 

@@ -160,7 +160,7 @@ def test_query_markers_json_and_tsv(keyed, cells, csr_payload):
 )
 def test_engine_errors_are_4xx_and_not_charged(make_client, cells, csr_payload, change, status, code, field):
     change = dict(change)
-    kw = {} if change.pop("_nofallback", False) else {"fallback_model": "default"}
+    kw = {"strict_models": True} if change.pop("_nofallback", False) else {}
     tc, app = make_client(require_api_key=True, **kw)
     secret, info = app.state.ledger.create_key("err")
     X, genes, _ref = cells
@@ -224,16 +224,37 @@ def test_server_busy_is_429_with_retry_after(make_client, cells, csr_payload, mo
     assert r.json()["error"]["code"] == "server_busy"
 
 
-def test_unavailable_model_runs_on_the_fallback_and_says_so(make_client, cells, csr_payload):
-    tc, _ = make_client(require_api_key=False, fallback_model="default")
+def test_unavailable_model_runs_on_the_fallback_by_default_and_says_so(make_client, cells, csr_payload):
+    tc, _ = make_client(require_api_key=False)  # no setting: the fallback is on out of the box
     X, genes, ref = cells
-    out = tc.post("/v1/singlecell/annotate", json=csr_payload(X, genes, model="geneformer")).json()
+    r = tc.post("/v1/singlecell/annotate", json=csr_payload(X, genes, model="geneformer"))
+    out = r.json()
     assert [c["label"] for c in out["calls"]] == list(ref.label)
     assert out["model"] == "default" and out["provenance"]["model"] == "default"
-    fb = out["provenance"]["fallback"]
+    prov = out["provenance"]
+    assert prov["model_requested"] == "geneformer" and prov["model_used"] == "default"
+    fb = prov["fallback"]
     assert fb["requested_model"] == "geneformer" and fb["model"] == "default" and fb["reason"]
-    emb = tc.post("/v1/singlecell/embed", json=csr_payload(X[:5], genes, model="geneformer")).json()
-    assert emb["model"] == "default" and emb["fallback"]["requested_model"] == "geneformer"
+    assert [w["code"] for w in out["warnings"]] == ["model_fallback"] and "geneformer" in out["warnings"][0]["message"]
+    assert r.headers["x-model-used"] == "default" and r.headers["x-model-requested"] == "geneformer"
+    emb = tc.post("/v1/singlecell/embed", json=csr_payload(X[:5], genes, model="geneformer"))
+    assert emb.json()["model"] == "default" and emb.json()["fallback"]["requested_model"] == "geneformer"
+    assert emb.json()["model_requested"] == "geneformer" and emb.json()["warnings"][0]["code"] == "model_fallback"
+    assert emb.headers["x-model-used"] == "default"
+    mk = tc.post("/v1/singlecell/markers", json=csr_payload(X[:5], genes, model="geneformer")).json()
+    assert mk["provenance"]["model_used"] == "default" and mk["warnings"][0]["code"] == "model_fallback"
+    # a request that gets the model it asked for carries no warning and no X-Model-Requested
+    plain = tc.post("/v1/singlecell/annotate", json=csr_payload(X[:5], genes))
+    assert plain.json()["warnings"] == [] and plain.json()["provenance"]["model_requested"] == "default"
+    assert plain.headers["x-model-used"] == "default" and "x-model-requested" not in plain.headers
+
+
+def test_strict_models_restores_the_409(make_client, cells, csr_payload):
+    tc, _ = make_client(require_api_key=False, strict_models=True)
+    X, genes, _ref = cells
+    r = tc.post("/v1/singlecell/annotate", json=csr_payload(X, genes, model="geneformer"))
+    assert r.status_code == 409 and r.json()["error"]["code"] in ("model_unavailable", "atlas_model_mismatch")
+    assert tc.get("/v1/models").json()["fallback_model"] is None
 
 
 def test_healthz_answers_while_an_annotation_runs(make_client, serve_in_thread, cells, csr_payload, monkeypatch):

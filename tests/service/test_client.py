@@ -94,15 +94,55 @@ def test_annotate_large_chunks_in_order(server, cells):
 def test_annotate_adata_writes_the_in_process_columns(server, pbmc):
     local = pbmc[:N].copy()
     remote = pbmc[:N].copy()
-    cellatlas.annotate_adata(local)
+    with pytest.warns(UserWarning, match="cell_type_uploaded"):  # pbmc carries the authors' cell_type
+        cellatlas.annotate_adata(local)
     c, _ = _client(server)
-    res = c.annotate_adata(remote, progress=False)
+    with pytest.warns(UserWarning, match="cell_type_uploaded"):
+        res = c.annotate_adata(remote, progress=False)
     assert len(res) == N
     assert list(remote.obs.columns) == list(local.obs.columns)
     assert set(remote.obsm) == set(local.obsm) and set(remote.uns["cellatlas"]) == set(local.uns["cellatlas"])
     assert list(remote.obs["cell_type"]) == list(local.obs["cell_type"])
     np.testing.assert_allclose(remote.obsm["X_cellatlas"], local.obsm["X_cellatlas"], atol=1e-5)
     assert list(res.cell_ids) == list(local.obs_names)
+
+
+def test_client_keeps_the_users_cell_type_and_supports_key_added_and_copy(server, pbmc):
+    authors = list(pbmc.obs["cell_type"][:N].astype(str))
+    a = pbmc[:N].copy()
+    c, _ = _client(server)
+    with pytest.warns(UserWarning, match=r"obs\['cell_type'\] -> obs\['cell_type_uploaded'\]"):
+        c.annotate_adata(a, progress=False)
+    assert list(a.obs["cell_type_uploaded"].astype(str)) == authors
+    assert a.uns["cellatlas"]["moved_columns"] == {"cell_type": "cell_type_uploaded"}
+    b = pbmc[:N].copy()
+    out = c.annotate_adata(b, key_added="cellatlas", copy=True, progress=False)
+    assert "cellatlas" not in b.obs and list(b.obs["cell_type"].astype(str)) == authors  # copy=True: b untouched
+    assert list(out.obs["cell_type"].astype(str)) == authors and list(out.obs["cellatlas"]) == list(a.obs["cell_type"])
+    assert "cellatlas_confidence" in out.obs and out.uns["cellatlas"]["key_added"] == "cellatlas"
+
+
+def test_client_says_when_the_server_answered_with_another_model(server, cells):
+    X, genes, ref = cells
+    c, _ = _client(server)
+    with pytest.warns(UserWarning, match="geneformer"):
+        res = c.annotate(X[:20], genes, model="geneformer")
+    assert list(res.label) == list(ref.label[:20])
+    assert res.provenance["model_requested"] == "geneformer" and res.provenance["model_used"] == "default"
+    assert [w["code"] for w in c.last_warnings] == ["model_fallback"]
+
+
+def test_client_errors_carry_the_servers_message_and_fix(make_client, serve_in_thread, cells):
+    from cellatlas.errors import CellAtlasError
+
+    X, genes, _ref = cells
+    _tc, app = make_client(require_api_key=False, strict_models=True)
+    c = Client(serve_in_thread(app), backoff=0.001)
+    with pytest.raises(CellAtlasError) as e:
+        c.annotate(X[:5], genes, model="geneformer")
+    err = e.value
+    assert err.status_code == 409 and err.code in ("model_unavailable", "atlas_model_mismatch")
+    assert "geneformer" in str(err) and "Fix:" in str(err) and err.fix in str(err)  # not only "409 Conflict"
 
 
 def test_retries_reuse_the_idempotency_key_and_charge_once(server, cells):
@@ -171,3 +211,14 @@ def test_progress_bar_for_multiple_chunks(server, cells, capsys):
     c, _ = _client(server)
     c.annotate_large(X, genes, chunk_size=40, progress=True)
     assert "annotating" in capsys.readouterr().err
+
+
+def test_gene_list_mismatch_is_raised_typed_and_skippable(server, cells):
+    from cellatlas.errors import GeneListMismatchError
+
+    X, genes, _ref = cells
+    c, _ = _client(server)
+    with pytest.raises(GeneListMismatchError, match="shifted by 2 columns"):
+        c.annotate(X, list(np.roll(genes, 2)))
+    res = c.annotate(X, list(np.roll(genes, 2)), skip_gene_check=True)
+    assert len(res) == N and res.gene_report["gene_check"]["verdict"] == "skipped"

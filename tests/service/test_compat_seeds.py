@@ -2,15 +2,22 @@
 
 Python snippets are read from the seed texts at test time; only the
 ``API_URL = ...`` and ``API_KEY = ...`` assignments are replaced. The snippets
-use ``requests`` and the JSON body, exactly as published.
+use ``requests`` and the JSON body, exactly as published. The server is a plain
+``cellatlas serve`` started the way a new user starts it (a fresh home, no
+``CELLATLAS_*`` variables): the articles ask for Geneformer, whose weights are not
+installed, and the default model answers, saying so in every response.
 """
 
 from __future__ import annotations
 
 import ast
 import builtins
+import json
+import os
 import re
-
+import subprocess
+import sys
+import time
 import pytest
 
 pytestmark = pytest.mark.shared  # reads ../shared/data (skipped only when it is absent)
@@ -71,6 +78,52 @@ def _free_names(code: str) -> set[str]:
     return loaded - bound - set(dir(builtins))
 
 
+@pytest.fixture
+def plain_server(tmp_path):
+    """``cellatlas serve`` in a subprocess, as shipped: ``(url, api_key, run_cli)``.
+
+    The environment has no ``CELLATLAS_*`` variable; ``HOME`` is a fresh folder, so the
+    ledger is the default SQLite file under ``~/.cellatlas``. The key comes from
+    ``cellatlas keys create``, as the README says.
+    """
+    import socket
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CELLATLAS_")}
+    env["HOME"] = str(tmp_path / "home")
+    cli = [sys.executable, "-m", "cellatlas.cli"]
+
+    def run_cli(*args: str) -> str:
+        return subprocess.run([*cli, *args], env=env, capture_output=True, text=True, check=True, timeout=120).stdout
+
+    key = run_cli("keys", "create", "--name", "seeds").strip()
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    log = open(tmp_path / "serve.log", "w")
+    proc = subprocess.Popen([*cli, "serve", "--port", str(port)], env=env, stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    import requests
+
+    deadline = time.time() + 90
+    while True:
+        try:
+            if requests.get(f"{url}/healthz", timeout=2).status_code == 200:
+                break
+        except requests.ConnectionError:
+            pass
+        if proc.poll() is not None or time.time() > deadline:
+            proc.kill()
+            raise RuntimeError(f"cellatlas serve did not start:\n{(tmp_path / 'serve.log').read_text()}")
+        time.sleep(0.2)
+    yield url, key, run_cli
+    proc.terminate()
+    try:
+        proc.wait(15)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+    log.close()
+
+
 @pytest.fixture(scope="module")
 def seed_texts(seeds_dir):
     return {p.name: p.read_text() for p in sorted(seeds_dir.glob("*.txt"))}
@@ -84,9 +137,10 @@ def test_snippet_extraction_finds_the_published_functions(seed_texts):
     assert {"sparse_to_payload", "annotate", "annotate_adata", "annotate_large", "annotate_cells"} <= defined
 
 
-def test_seed_snippets_run_unchanged_against_live_server(live_server, seed_texts, pbmc, tmp_path, monkeypatch, capsys):
-    url, ledger = live_server
-    secret, info = ledger.create_key("seeds")
+def test_seed_snippets_run_unchanged_against_a_plain_server(plain_server, seed_texts, pbmc, tmp_path, monkeypatch, capsys):
+    import requests
+
+    url, secret, run_cli = plain_server
     endpoint = f"{url}/v1/singlecell/annotate"
     query = pbmc[:150].copy()
     X = query.X.tocsr()
@@ -123,10 +177,18 @@ def test_seed_snippets_run_unchanged_against_live_server(live_server, seed_texts
     # annotate_large: chunked calls come back complete and in input order
     chunked = ns1["annotate_large"](X, genes, chunk_size=60)
     assert [c["label"] for c in chunked] == [c["label"] for c in whole["calls"]]
+    # the articles ask for geneformer (no weights here): the default model answered, and said so
+    for response in (whole, ns1["annotate"](X[:20], genes)):
+        prov = response["provenance"]
+        assert prov["model_requested"] == "geneformer" and prov["model_used"] == "default"
+        assert response["model"] == "default" and prov["fallback"]["requested_model"] == "geneformer"
+        assert [w["code"] for w in response["warnings"]] == ["model_fallback"]
+    r = requests.post(endpoint, json={**payload, "model": "geneformer"}, headers={"Authorization": f"Bearer {secret}"}, timeout=60)
+    assert r.headers["X-Model-Used"] == "default" and r.headers["X-Model-Requested"] == "geneformer"
     # every request was charged to the key: one credit per request of <= 1,000 cells
-    used = ledger.usage_summary(info.id)["totals"]
-    assert used == {"requests": 6, "cells": 4 * X.shape[0], "credits": 6}  # 3 whole + 3 chunks
-    assert ledger.get_key(info.id).credits == 494
+    # (3 whole + 3 chunks + the 20-cell call + the direct one)
+    keys = json.loads(run_cli("keys", "list", "--json"))
+    assert [k["credits"] for k in keys] == [492]
 
 
 def test_seed_snippets_fail_clearly_on_gene_mismatch(live_server, pbmc):

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 import scipy.io
 import scipy.sparse as sp
@@ -115,7 +116,8 @@ class Datasets:
 def datasets(tmp_path_factory) -> Datasets:
     """Test uploads.
 
-    - ``cells_h5ad``: 700 reference PBMCs of the built-in atlas, raw counts;
+    - ``cells_h5ad``: 700 reference PBMCs of the built-in atlas, raw counts, with the authors'
+      labels (``obs["cell_type"]``) and clusters (``obs["leiden"]``);
     - ``pbmc68k_h5ad``: scanpy's pbmc68k_reduced ``.raw`` as shipped (log-normalised, 765 genes);
     - ``pbmc68k_zip``: 300 of those cells as counts, in a zipped 10x Matrix Market folder;
     - ``mismatch_h5ad``: real counts whose gene names are row numbers (the classic mistake);
@@ -123,6 +125,9 @@ def datasets(tmp_path_factory) -> Datasets:
     """
     d = tmp_path_factory.mktemp("web-data")
     cells = atlas_cells(700)
+    # clusters as an upload carries them: whole numbers, two of the authors' types merged into one
+    codes = pd.Categorical(cells.obs["cell_type"]).codes
+    cells.obs["leiden"] = pd.Categorical(np.minimum(codes, 5).astype(str))
     cells.write_h5ad(d / "pbmc_cells.h5ad")
     pbmc68k_reduced().raw.to_adata().write_h5ad(d / "pbmc68k_raw.h5ad")
     _write_mtx_zip(pbmc68k_counts(300), d / "pbmc68k_mtx.zip")

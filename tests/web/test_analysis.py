@@ -7,7 +7,8 @@ import pytest
 import scipy.sparse as sp
 
 from cellatlas.errors import InputError
-from cellatlas.web.analysis import dotplot_stats, expression_for_genes, marker_genes_for, qc_flags
+from cellatlas.tl import defining_markers, expression_for_genes
+from cellatlas.web.analysis import dotplot_stats, qc_flags
 from cellatlas.web.views import apply_relabel, confidence_histogram, current_labels
 
 X = sp.csr_matrix(np.array([[10, 0, 5, 5], [1, 1, 0, 0], [0, 0, 0, 0], [2, 2, 8, 0]], dtype=np.float32))
@@ -49,8 +50,16 @@ def test_dotplot_stats_per_group():
 
 def test_marker_genes_are_unique_and_present():
     sets = {"T": {"positive": ["CD3E", "CD3D", "IL7R", "CCR7"]}, "NK": {"positive": ["CD3E", "NKG7", "GNLY"]}}
-    pairs = marker_genes_for(["T", "NK", "missing"], sets, {"CD3E", "IL7R", "CCR7", "NKG7", "GNLY"}, per_label=2)
+    pairs = defining_markers(["T", "NK", "missing"], sets, {"CD3E", "IL7R", "CCR7", "NKG7", "GNLY"}, per_label=2)
     assert pairs == [("T", "CD3E"), ("T", "IL7R"), ("NK", "NKG7"), ("NK", "GNLY")]
+
+
+def test_defining_markers_put_curated_first_then_derived_and_skip_inherited():
+    # positives as atlases store them: own curated, inherited from the parent (no source), derived
+    sets = {"Platelet": {"positive": ["LAPTM5", "PF4", "PPBP", "CLU"],
+                         "sources": {"PPBP": "reference", "PF4": "curated", "CLU": "curated+reference"}}}
+    pairs = defining_markers(["Platelet"], sets, {"LAPTM5", "PF4", "PPBP", "CLU"}, per_label=4)
+    assert pairs == [("Platelet", "PF4"), ("Platelet", "CLU"), ("Platelet", "PPBP")]
 
 
 def test_confidence_histogram_bins_match_bands():

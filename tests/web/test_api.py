@@ -244,3 +244,90 @@ def test_run_interrupted_by_a_restart_is_reported(client, cells):
     s.update(status={"state": "running", "stage": "Annotating", "progress": 0.5, "pid": 2**22 + 7, "process": "gone"})
     st = client.get(f"{API}/sessions/{sid}/status").json()
     assert st["state"] == "error" and st["error"]["code"] == "run_interrupted" and st["error"]["fix"]
+
+
+def _upload_h5ad(client, adata, tmp_path, name="own.h5ad") -> str:
+    adata.write_h5ad(tmp_path / name)
+    r = client.post(f"{API}/sessions", params={"filename": name}, content=(tmp_path / name).read_bytes())
+    assert r.status_code == 201, r.text
+    sid = r.json()["session"]
+    assert client.post(f"{API}/sessions/{sid}/run", json={}).status_code == 202
+    assert _wait(client, sid)["state"] == "done"
+    return sid
+
+
+def test_upload_with_its_own_umap_labels_and_clusters(client, cells, tmp_path):
+    """The upload's X_umap is the map shown (as sent); its label and cluster columns are compared."""
+    own = cells.copy()
+    rng = np.random.default_rng(1)
+    own.obsm["X_umap"] = rng.normal(size=(own.n_obs, 2)).astype(np.float32)
+    own.obs["louvain"] = pd.Categorical((np.arange(own.n_obs) % 3).astype(str))
+    own.obs["n_counts"] = np.asarray(own.X.sum(axis=1)).ravel()  # a number, not a grouping
+    sid = _upload_h5ad(client, own, tmp_path)
+    res = client.get(f"{API}/sessions/{sid}/results").json()
+    um = res["user_map"]
+    assert um["state"] == "done" and um["source"] == "uploaded" and "X_umap" in um["title"]
+    assert np.allclose(um["x"], own.obsm["X_umap"][:, 0], atol=1e-3) and np.allclose(um["y"], own.obsm["X_umap"][:, 1], atol=1e-3)
+    cmps = {c["column"]: c for c in res["comparisons"]}
+    assert list(cmps) == ["cell_type", "louvain"]  # labels first; n_counts is not a grouping
+    lab = cmps["cell_type"]
+    assert lab["kind"] == "labels" and sum(lab["n"]) == own.n_obs
+    for row, share, summary in zip(lab["rows"], lab["share"], lab["summary"]):
+        calls = np.asarray(res["labels"])[np.asarray(res["points"]["label"])][own.obs["cell_type"].to_numpy() == row]
+        top, n_top = np.unique(calls, return_counts=True)
+        assert summary["group"] == row and summary["majority"] == top[n_top.argmax()]
+        assert math.isclose(summary["share"], n_top.max() / len(calls), abs_tol=1e-3) and math.isclose(sum(share), 1, abs_tol=1e-3)
+    assert cmps["louvain"]["kind"] == "clusters" and cmps["louvain"]["rows"] == ["0", "1", "2"]
+
+
+def test_dotplot_shows_each_labels_own_markers_first(client, finished):
+    sid, _, _ = finished
+    res = client.get(f"{API}/sessions/{sid}/results").json()
+    dp = res["dotplot"]
+    from cellatlas.atlas import load_atlas
+    from cellatlas.tl import own_markers
+
+    sets = load_atlas("human-core").marker_sets
+    for lab in set(dp["gene_label"]):
+        genes = [g for g, l in zip(dp["genes"], dp["gene_label"]) if l == lab]
+        own = own_markers(sets[lab])
+        assert set(genes) <= set(own), (lab, genes)  # never a gene the label only inherits
+    # lineage genes every leukocyte expresses are not shown under a cell type that only inherits them
+    leuko = set(sets["Leukocyte"]["positive"])
+    assert not any(g in leuko for g, l in zip(dp["genes"], dp["gene_label"]) if l not in ("Leukocyte", "Lymphocyte"))
+    if "Platelet" in dp["labels"]:
+        assert [g for g, l in zip(dp["genes"], dp["gene_label"]) if l == "Platelet"][:2] == ["PPBP", "PF4"]
+
+
+def test_review_queue_offers_no_zero_score_alternates(client, finished):
+    sid, _, _ = finished
+    page = client.get(f"{API}/sessions/{sid}/review", params={"band": "all", "limit": 200}).json()
+    alts = [a for c in page["cells"] for a in c["alternates"]]
+    assert alts and all(a["score"] >= 0.005 for a in alts)
+
+
+def test_mouse_upload_shows_mouse_gene_names(client, tmp_path):
+    """Mouse genes are shown as MGI writes them, also where the file upper-cases them."""
+    import os
+    from pathlib import Path
+
+    shared = Path(os.environ.get("CELLATLAS_SHARED_DATA", Path(__file__).resolve().parents[3] / "shared" / "data"))
+    path = shared / "datasets" / "mouse_pancreas_baron2016_mouse1_indrop.h5ad"
+    if not path.exists():
+        pytest.skip(f"{path} not available")
+    mouse = ad.read_h5ad(path)[:200].copy()
+    mouse.var_names = [g.upper() for g in mouse.var_names]  # as some files ship them ('0610007P14RIK')
+    mouse.var_names_make_unique()
+    mouse.write_h5ad(tmp_path / "mouse.h5ad")
+    r = client.post(f"{API}/sessions", params={"filename": "mouse.h5ad"}, content=(tmp_path / "mouse.h5ad").read_bytes())
+    assert r.status_code == 201, r.text
+    facts = r.json()["facts"]
+    assert facts["species"] == "mouse" and facts["example_genes"][0] == "0610007P14Rik"
+    assert any("as MGI writes them" in n for n in facts["read_notes"])
+    sid = r.json()["session"]
+    client.post(f"{API}/sessions/{sid}/run", json={})
+    assert _wait(client, sid)["state"] == "done"
+    dp = client.get(f"{API}/sessions/{sid}/results").json()["dotplot"]
+    assert dp["genes"] and all(g != g.upper() for g in dp["genes"] if any(c.isalpha() for c in g))  # 'Ins1', not 'INS'
+    cell = client.get(f"{API}/sessions/{sid}/cells/0").json()
+    assert cell["markers"] and all(m != m.upper() for m in cell["markers"])

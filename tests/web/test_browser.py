@@ -24,7 +24,9 @@ def upload(page, path) -> None:
 
 def wait_results(page) -> None:
     page.wait_for_selector("#view-results:not([hidden])", timeout=60_000)
-    page.wait_for_function(f"({PLOT_DATA})('plot-map') > 0")
+    # the map of the user's cells follows the calls: a UMAP computed in the background, whose first
+    # run in a server process compiles numba code (20-40 s on a loaded 2-core machine)
+    page.wait_for_function(f"({PLOT_DATA})('plot-map') > 0", timeout=120_000)
     page.wait_for_selector("#review-list .review-item[data-index], #review-list .review-empty")
 
 
@@ -83,15 +85,53 @@ def test_full_flow_local_mode(page, local_server, datasets, shot, tmp_path):
     assert results["summary"]["n_cells"] == datasets.n_cells  # flagged cells are kept
     rows = page.locator("#label-table tbody tr")
     assert rows.count() == len(results["labels"])
+
+    # ---- the map shown first is of the user's own cells (a UMAP of the cellatlas embedding here)
+    assert page.inner_text("#map-title") == "Your cells"
+    assert page.get_attribute("#map-view button[data-view='user']", "aria-checked") == "true"
+    user_map = api(url, f"/sessions/{sid}/user-map").json()
+    assert user_map["state"] == "done" and user_map["source"] == "computed" and len(user_map["x"]) == datasets.n_cells
+    drawn = page.evaluate("document.getElementById('plot-map').data.flatMap(t => t.customdata.map((c, k) => [c[0], t.x[k]]))")
+    assert len(drawn) == datasets.n_cells and all(abs(x - user_map["x"][i]) < 1e-6 for i, x in drawn)
+    assert "UMAP of the cellatlas embedding" in page.inner_text("#map-sub")
+    assert not any(t == "Reference cells" for t in page.evaluate("document.getElementById('plot-map').data.map(t => t.name)"))
+    # the atlas projection is the second view, honestly named, over the grey reference cells
+    page.click("#map-view button[data-view='atlas']")
+    page.wait_for_function("document.getElementById('plot-map').data.some(t => t.name === 'Reference cells')")
+    assert page.inner_text("#map-title") == "Atlas projection" and "not a map of your data" in page.inner_text("#map-sub")
+    page.click("#map-view button[data-view='user']")
+    page.wait_for_function("!document.getElementById('plot-map').data.some(t => t.name === 'Reference cells')")
+
+    # ---- the upload's own labels and clusters are compared with the calls
+    assert page.is_visible("#compare")
+    options = page.eval_on_selector_all("#compare-column option", "os => os.map(o => o.value)")
+    assert options[:2] == ["cell_type", "leiden"]  # labels-like columns first
+    assert page.evaluate(PLOT_DATA, "plot-compare") == 1
+    uploaded = ad.read_h5ad(datasets.cells_h5ad).obs
+    cmp = next(c for c in results["comparisons"] if c["column"] == "cell_type")
+    assert cmp["kind"] == "labels" and sorted(cmp["rows"]) == sorted(uploaded["cell_type"].unique())
+    assert all(abs(sum(row) - 1) < 1e-3 for row in cmp["share"])
+    b = cmp["summary"][cmp["rows"].index("B cell")]
+    assert b["majority"] == "B cell" and b["share"] > 0.9  # the reference's own B cells
+    assert page.locator("#compare-table tbody tr").count() == len(cmp["rows"])
+    page.select_option("#compare-column", "leiden")
+    page.wait_for_function("document.querySelector('#compare-title').innerText.includes('clusters')")
+    leiden = next(c for c in results["comparisons"] if c["column"] == "leiden")
+    assert leiden["kind"] == "clusters" and leiden["rows"] == sorted(uploaded["leiden"].unique(), key=int)
+    assert page.locator("#compare-table tbody tr").count() == len(leiden["rows"])
+    assert page.evaluate("document.getElementById('plot-compare').data[0].y.length") == len(leiden["rows"])
     shot(page, "results")
+    page.eval_on_selector("#compare", "e => e.scrollIntoView({block: 'start'})")
+    shot(page, "compare")
+    page.evaluate("window.scrollTo(0, 0)")
     page.eval_on_selector(".card-dots", "e => e.scrollIntoView({block: 'start'})")
     shot(page, "plots")
     page.evaluate("window.scrollTo(0, 0)")
 
     # colour by confidence band: three (or fewer) band traces replace the label traces
-    page.click(".segmented button[data-color='band']")
+    page.click("#color-by button[data-color='band']")
     page.wait_for_function("document.getElementById('plot-map').data.every(t => ['confident','review','low','Reference cells'].includes(t.name))")
-    page.click(".segmented button[data-color='label']")
+    page.click("#color-by button[data-color='label']")
 
     # ---- relabel one cell from the review queue (custom label)
     first = page.locator("#review-list .review-item[data-index]").first
@@ -134,10 +174,12 @@ def test_full_flow_local_mode(page, local_server, datasets, shot, tmp_path):
     for col in ("cell_type", "cell_type_confidence", "cell_type_band", "cell_type_alternates", "cell_type_markers",
                 "cell_type_original", "cell_type_relabelled", "qc_pass", "qc_total_counts", "qc_mito_fraction"):
         assert col in out.obs.columns, col
-    assert "X_cellatlas_umap" in out.obsm
+    assert "X_cellatlas_projection" in out.obsm
     # the uploaded obs["cell_type"] (the authors' labels) is kept, not overwritten by the calls
-    uploaded = ad.read_h5ad(datasets.cells_h5ad).obs["cell_type"]
-    assert list(out.obs["cell_type_uploaded"].astype(str)) == list(uploaded.astype(str))
+    uploaded = ad.read_h5ad(datasets.cells_h5ad).obs
+    assert list(out.obs["cell_type_uploaded"].astype(str)) == list(uploaded["cell_type"].astype(str))
+    assert list(out.obs["leiden"].astype(str)) == list(uploaded["leiden"].astype(str))
+    assert out.uns["cellatlas"]["moved_columns"] == {"cell_type": "cell_type_uploaded"}
     obs = out.obs
     assert obs["cell_type"].iloc[cell_index] == "Reviewed cell"
     assert obs["cell_type_original"].iloc[cell_index] == original
@@ -216,6 +258,45 @@ def test_wrong_gene_names_are_reported_not_guessed(page, local_server, datasets)
     err = page.inner_text("#run-error")
     assert "genes" in err and "How to fix" in err
     assert page.is_visible("#view-check") and page.is_hidden("#view-results")
+
+
+def test_shifted_gene_list_shown_on_check_page_refused_then_skippable(page, local_server, tmp_path, shot):
+    """Issue 12: a gene list shifted by one column is named before the run and refused; skipping the check
+    runs it, and all-zero cells come back Unassigned (a results tile and a note say how many and why)."""
+    import scipy.sparse as sp
+
+    from tests.web.conftest import atlas_cells
+
+    a = atlas_cells(200)
+    a = ad.concat([a, ad.AnnData(sp.csr_matrix((10, a.n_vars), dtype=np.float32), var=a.var)], index_unique=None)
+    a.obs_names = [f"c{i}" for i in range(a.n_obs)]
+    a.var_names = list(np.roll(np.asarray(a.var_names), 1))
+    path = tmp_path / "shifted_genes.h5ad"
+    a.write_h5ad(path)
+    url = local_server.url
+    open_workspace(page, url)
+    upload(page, path)
+    page.wait_for_selector("#view-check:not([hidden])")
+    box = page.inner_text("#gene-check")
+    assert "shifted by 1 column" in box and "the run would be refused" in box and "How to fix" in box
+    sid = page.evaluate("sessionStorage.getItem('cellatlas.session')")
+    gc = api(url, f"/sessions/{sid}").json()["facts"]["gene_check"]
+    assert gc["verdict"] == "error" and gc["shift"] == 1
+    shot(page, "gene-check")
+    page.click("#run-btn")
+    page.wait_for_selector("#run-error:not([hidden])")
+    assert "shifted by 1 column" in page.inner_text("#run-error")
+    assert page.is_hidden("#view-results")
+    page.check("#skip-gene-check")
+    page.click("#run-btn")
+    wait_results(page)
+    tiles = page.inner_text("#summary-tiles")
+    assert "UNASSIGNED" in tiles.upper() and "10" in tiles
+    notes = page.inner_text("#results-notes")
+    assert "10 cells are Unassigned" in notes and "all-zero" in notes and "check skipped" in notes
+    shot(page, "unassigned")
+    res = api(url, f"/sessions/{sid}/results").json()
+    assert res["summary"]["unassigned"]["n_cells"] == 10 and res["gene_report"]["gene_check"]["verdict"] == "skipped"
 
 
 def test_bad_files_get_clear_messages(page, local_server, datasets, tmp_path, shot):

@@ -54,9 +54,11 @@ def _print(rows: list[dict], as_json: bool) -> None:
         typer.echo(json.dumps(rows, indent=2))
         return
     from rich.console import Console
+    from rich.markup import escape
     from rich.table import Table
 
     table = Table("model", "kind", "usable", "path", "details", show_lines=True)
-    for r in rows:
-        table.add_row(r["name"], r["kind"], "yes" if r["usable"] else "no", r["path"] or "-", r["reason"])
+    for r in rows:  # escaped: "pip install 'cellatlas[foundation]'" is text, not rich markup
+        cells = (r["name"], r["kind"], "yes" if r["usable"] else "no", r["path"] or "-", r["reason"])
+        table.add_row(*(escape(str(c)) for c in cells))
     Console(width=160).print(table)

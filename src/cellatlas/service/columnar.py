@@ -20,11 +20,12 @@ import pandas as pd
 
 from cellatlas.result import Alternates, AnnotationResult
 
-FORMAT = 3
-"""Version of the layout below (``meta_json["columnar"]``; 3 added ``parent_label`` and ``parent_confidence``)."""
+FORMAT = 4
+"""Version of the layout below (``meta_json["columnar"]``; 3 added ``parent_label`` and ``parent_confidence``,
+4 the per-cell QC facts and ``reason``)."""
 
-_STR = ("cell_ids", "label", "ontology_id", "level", "knn_label", "marker_label", "parent_label")
-_F32 = ("confidence", "knn_prob", "marker_score", "distance", "parent_confidence")
+_STR = ("cell_ids", "label", "ontology_id", "level", "knn_label", "marker_label", "parent_label", "reason")
+_F32 = ("confidence", "knn_prob", "marker_score", "distance", "parent_confidence", "total_counts", "pct_mito", "doublet_score")
 _BOOL = ("agreement", "novel")
 
 
@@ -61,6 +62,7 @@ def encode_result(res: AnnotationResult, meta: dict[str, Any], *, with_embedding
         arrays[name + "_codes"], arrays[name + "_categories"] = _categorical(getattr(res, name))
     arrays.update({name: np.asarray(getattr(res, name), dtype=np.float32) for name in _F32})
     arrays.update({name: np.asarray(getattr(res, name), dtype=bool) for name in _BOOL})
+    arrays["n_genes"] = np.asarray(res.n_genes, dtype=np.int32)
     arrays["alternate_label_codes"], arrays["alternate_label_categories"] = _categorical(alts.labels)
     arrays["alternate_score"] = np.asarray(alts.scores, dtype=np.float32)
     lengths = np.fromiter((len(m) for m in res.markers), dtype=np.int64, count=len(res.markers))
@@ -93,7 +95,7 @@ def decode_result(arrays: dict[str, np.ndarray], cell_ids=None) -> tuple[Annotat
     genes = arrays["marker_genes"].astype(object)[arrays["marker_codes"]].tolist()
     bounds = arrays["marker_offsets"].tolist()
     markers = [genes[a:b] for a, b in zip(bounds[:-1], bounds[1:])]
-    obj = {name: text(name) for name in _STR[1:] if name + "_codes" in arrays}  # format 2 had no parent
+    obj = {name: text(name) for name in _STR[1:] if name + "_codes" in arrays}  # older formats lack some
     obj["cell_ids"] = arrays["cell_ids"].astype(object)
     res = AnnotationResult(
         cell_ids=np.asarray(cell_ids, dtype=object) if cell_ids is not None else obj["cell_ids"],
@@ -112,6 +114,11 @@ def decode_result(arrays: dict[str, np.ndarray], cell_ids=None) -> tuple[Annotat
         novel=arrays["novel"],
         parent_label=obj.get("parent_label"),
         parent_confidence=arrays.get("parent_confidence"),
+        total_counts=arrays.get("total_counts"),
+        n_genes=arrays.get("n_genes"),
+        pct_mito=arrays.get("pct_mito"),
+        doublet_score=arrays.get("doublet_score"),
+        reason=obj.get("reason"),
         embedding=arrays.get("embedding"),
         layout=arrays.get("layout"),
         gene_report=meta.get("gene_report") or {},

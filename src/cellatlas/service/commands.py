@@ -35,20 +35,48 @@ def serve(
     workers: Annotated[int, typer.Option("--workers", min=1, help="Worker processes (each runs engine jobs).")] = 1,
     local: Annotated[bool, typer.Option("--local", help="No API keys and no charging: for a laptop or a trusted network.")] = False,
     log_level: Annotated[str, typer.Option("--log-level", help="uvicorn log level.")] = "info",
+    fallback_model: Annotated[
+        Optional[str],
+        typer.Option(
+            "--fallback-model",
+            help="Model that answers requests for a model that cannot run here (default: 'default', "
+            "or CELLATLAS_FALLBACK_MODEL).",
+        ),
+    ] = None,
+    strict_models: Annotated[
+        bool,
+        typer.Option(
+            "--strict-models",
+            help="Refuse (409 model_unavailable) requests for a model that cannot run here instead of falling back "
+            "(or CELLATLAS_STRICT_MODELS=true).",
+        ),
+    ] = False,
 ) -> None:
-    """Serve the Cell Atlas API (docs at http://HOST:PORT/docs)."""
+    """Serve the Cell Atlas API (docs at http://HOST:PORT/docs).
+
+    Model fallback: a request for a model whose weights are not installed here (the articles ask for "geneformer") is answered by the fallback model ("default"), and the response says so: provenance.model_requested and provenance.model_used, a "warnings" entry and the X-Model-Used / X-Model-Requested headers. --strict-models restores the 409 refusal.
+    """
     import uvicorn
 
     from cellatlas.service.ledger import Ledger
 
+    # the app factory runs in uvicorn's worker processes: settings travel as CELLATLAS_* variables
     if local:
         os.environ["CELLATLAS_REQUIRE_API_KEY"] = "false"
-        get_settings.cache_clear()
-        if host not in ("127.0.0.1", "localhost", "::1"):
-            typer.echo(f"warning: --local on {host} lets anyone who can reach it annotate without a key", err=True)
+    if fallback_model is not None:
+        os.environ["CELLATLAS_FALLBACK_MODEL"] = fallback_model
+    if strict_models:
+        os.environ["CELLATLAS_STRICT_MODELS"] = "true"
+    get_settings.cache_clear()
+    if local and host not in ("127.0.0.1", "localhost", "::1"):
+        typer.echo(f"warning: --local on {host} lets anyone who can reach it annotate without a key", err=True)
     settings = get_settings()
     mode = "local (no API keys)" if not settings.require_api_key else "API keys required"
-    typer.echo(f"cellatlas API on http://{host}:{port} ({mode}; ledger {Ledger.describe_url(settings.resolved_database_url)})", err=True)
+    models = "strict models" if settings.strict_models or not settings.fallback_model else f"fallback model '{settings.fallback_model}'"
+    typer.echo(
+        f"cellatlas API on http://{host}:{port} ({mode}; {models}; ledger {Ledger.describe_url(settings.resolved_database_url)})",
+        err=True,
+    )
     uvicorn.run(
         "cellatlas.service.app:create_app",
         factory=True,

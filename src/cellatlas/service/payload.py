@@ -68,6 +68,8 @@ class Parsed:
             kw["layer"] = self.layer
         if self.use_raw is not None:
             kw["use_raw"] = self.use_raw
+        if self.options.get("skip_gene_check"):
+            kw["skip_gene_check"] = True
         return kw
 
 

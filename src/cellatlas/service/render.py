@@ -10,7 +10,6 @@ import numpy as np
 import orjson
 import pandas as pd
 
-from cellatlas.annotate import DEFAULT_MODEL
 from cellatlas.atlas import DEFAULT_ATLAS
 from cellatlas.result import AnnotationResult
 from cellatlas.service.columnar import encode_result
@@ -41,6 +40,11 @@ def _f32(a) -> np.ndarray | None:
     return None if a is None else np.ascontiguousarray(a, dtype=np.float32)
 
 
+def warnings(fallback: dict[str, Any] | None) -> list[dict[str, str]]:
+    """The response's ``warnings``: ``{"code", "message"}`` entries (a model fallback, for now)."""
+    return [{"code": "model_fallback", "message": fallback["message"]}] if fallback else []
+
+
 def annotate_body(res: AnnotationResult, parsed: Parsed, charge: Charge, cells_per_credit: int, fmt: str = "json") -> bytes:
     """The annotate response: the seeds' ``calls`` plus band, ontology id, evidence,
     gene report, provenance and usage (embedding/layout when asked for).
@@ -52,6 +56,7 @@ def annotate_body(res: AnnotationResult, parsed: Parsed, charge: Charge, cells_p
         "n_cells": len(res),
         "model": prov.get("model", parsed.model),
         "reference_atlas": prov.get("atlas", parsed.atlas),
+        "warnings": warnings(prov.get("fallback")),
         "gene_report": res.gene_report,
         "provenance": prov,
         "usage": charge.usage_dict(cells_per_credit),
@@ -70,12 +75,16 @@ def annotate_body(res: AnnotationResult, parsed: Parsed, charge: Charge, cells_p
 
 def embed_body(output: tuple, parsed: Parsed, charge: Charge, cells_per_credit: int, fmt: str) -> bytes:
     """The embed response as JSON or npz (``embedding``, ``layout``, ``meta_json``)."""
-    emb, layout, gene_report, fallback = output
+    emb, layout, gene_report, model = output
     emb = _f32(emb)
+    fallback = model.get("fallback")
     meta = {
         "n_cells": int(emb.shape[0]),
         "dim": int(emb.shape[1]) if emb.ndim == 2 else 0,
-        "model": fallback["model"] if fallback else parsed.model or DEFAULT_MODEL,
+        "model": model["model_used"],
+        "model_requested": model["model_requested"],
+        "model_used": model["model_used"],
+        "warnings": warnings(fallback),
         "reference_atlas": parsed.atlas or DEFAULT_ATLAS,
         "gene_report": gene_report,
         "usage": charge.usage_dict(cells_per_credit),
@@ -132,6 +141,7 @@ def query_markers(res: AnnotationResult, table: pd.DataFrame, parsed: Parsed, ch
             "cells": cells,
             "labels": _group(table[table["label"].astype(str).isin(called)]),
             "reference_atlas": prov.get("atlas", parsed.atlas),
+            "warnings": warnings(prov.get("fallback")),
             "provenance": prov,
             "usage": charge.usage_dict(cells_per_credit),
         }

@@ -33,7 +33,7 @@ async def models(request: Request) -> Response:
     """Each model's ``name``, ``usable``, ``reason`` (why not) and ``kind``."""
     settings = request.app.state.settings
     entries = await run_in_threadpool(available_models, settings)
-    return _json({"models": [_public(m) for m in entries], "default": DEFAULT_MODEL, "fallback_model": settings.fallback_model})
+    return _json({"models": [_public(m) for m in entries], "default": DEFAULT_MODEL, "fallback_model": None if settings.strict_models else settings.fallback_model or None})
 
 
 @router.get("/v1/atlases", tags=["discovery"], summary="Reference atlases installed here")

@@ -8,6 +8,7 @@ from fastapi import APIRouter, Depends, Query, Request, Response
 from fastapi.concurrency import run_in_threadpool
 
 import cellatlas
+from cellatlas.annotate import DEFAULT_MODEL
 from cellatlas.atlas import DEFAULT_ATLAS, load_atlas
 from cellatlas.errors import AtlasModelMismatchError, InputError, ModelUnavailableError
 from cellatlas.service import render
@@ -31,35 +32,61 @@ NPZ = "application/x-npz"
 
 
 def _with_fallback(fn, parsed: Parsed, settings) -> tuple:
-    """Run ``fn(X, genes, **kw)``; if the requested model cannot run here and the server
-    sets ``fallback_model``, run that model instead. Returns ``(output, fallback_note)``."""
+    """Run ``fn(X, genes, **kw)``; if the requested model cannot run here, run the server's
+    ``fallback_model`` instead (unless ``strict_models``). Returns ``(output, fallback_note)``."""
     kw = parsed.engine_kwargs()
     try:
         return fn(parsed.X, parsed.genes, **kw), None
     except (ModelUnavailableError, AtlasModelMismatchError) as e:
-        fb = settings.fallback_model
+        fb = None if settings.strict_models else settings.fallback_model
         if not fb or parsed.model is None or parsed.model.lower() == fb.lower():
             raise
-        note = {"requested_model": parsed.model, "model": fb, "reason": e.message}
+        note = {
+            "requested_model": parsed.model,
+            "model": fb,
+            "reason": e.message,
+            "message": f"Model '{parsed.model}' cannot run on this server ({e.message.rstrip('.')}); "
+            f"these results come from model '{fb}'. Install the model's weights, or start the server "
+            "with --strict-models to refuse such requests.",
+        }
         return fn(parsed.X, parsed.genes, **{**kw, "model": fb}), note
 
 
-def _annotate_work(parsed: Parsed, settings):
-    res, note = _with_fallback(cellatlas.annotate, parsed, settings)
+def _record_model(request: Request, parsed: Parsed, used: str, note: dict | None) -> dict:
+    """What the response says about the model: requested vs used (also kept for the headers)."""
+    info = {"model_requested": (parsed.model or DEFAULT_MODEL).lower(), "model_used": used}
+    request.state.model_info = {**info, "fallback": bool(note)}
+    return info
+
+
+def _annotate_work(request: Request, parsed: Parsed):
+    res, note = _with_fallback(cellatlas.annotate, parsed, request.app.state.settings)
+    res.provenance.update(_record_model(request, parsed, res.provenance.get("model", DEFAULT_MODEL), note))
     if note:
         res.provenance["fallback"] = note
     return res
 
 
-def _embed_work(parsed: Parsed, settings):
-    (emb, layout, report), note = _with_fallback(cellatlas.embed, parsed, settings)
-    return emb, layout, report, note
+def _embed_work(request: Request, parsed: Parsed):
+    (emb, layout, report), note = _with_fallback(cellatlas.embed, parsed, request.app.state.settings)
+    used = note["model"] if note else (parsed.model or DEFAULT_MODEL).lower()
+    return emb, layout, report, {**_record_model(request, parsed, used, note), "fallback": note}
 
 
-def _markers_work(parsed: Parsed, settings):
-    res = _annotate_work(parsed, settings)
+def _markers_work(request: Request, parsed: Parsed):
+    res = _annotate_work(request, parsed)
     table = load_atlas(res.provenance.get("atlas") or parsed.atlas or DEFAULT_ATLAS).marker_table()
     return res, table
+
+
+def _with_model_headers(request: Request, response: Response) -> Response:
+    """``X-Model-Used`` on every engine response; ``X-Model-Requested`` too when they differ."""
+    info = getattr(request.state, "model_info", None)
+    if info:  # absent on an idempotent replay (its body still says it)
+        response.headers["X-Model-Used"] = info["model_used"]
+        if info["fallback"]:
+            response.headers["X-Model-Requested"] = info["model_requested"]
+    return response
 
 
 def _format(request: Request, given: str | None, choices: dict[str, str], default: str) -> str:
@@ -89,21 +116,24 @@ async def annotate(
 ) -> Response:
     """Zero-shot cell-type calls. Body: the articles' JSON, or npz/h5ad (see the request schemas).
 
-    Optional ``return_embedding=true`` (body field or query) adds ``embedding`` and ``layout``.
+    Optional ``return_embedding=true`` (body field or query) adds ``embedding`` and ``layout``;
+    ``skip_gene_check=true`` skips the gene-list check (a list that does not belong to the
+    matrix columns is otherwise a 422 ``gene_list_mismatch`` naming the likely cause).
     Send ``Idempotency-Key`` to make retries safe (same response, charged once).
     """
     fmt = _format(request, format, {"json": "application/json", "npz": NPZ}, "json")
     cpc = request.app.state.settings.cells_per_credit
-    return await run_billed(
+    response = await run_billed(
         request,
         principal,
         endpoint="annotate",
-        options={"return_embedding": False},
-        work=lambda parsed: _annotate_work(parsed, request.app.state.settings),
+        options={"return_embedding": False, "skip_gene_check": False},
+        work=lambda parsed: _annotate_work(request, parsed),
         render=lambda res, parsed, ch: render.annotate_body(res, parsed, ch, cpc, fmt),
         media_type=NPZ if fmt == "npz" else "application/json",
         reserved_params=("format",),
     )
+    return _with_model_headers(request, response)
 
 
 @router.post(
@@ -121,16 +151,17 @@ async def embed(
     """Model embeddings ``[n_cells, dim]`` and, unless ``layout=false``, 2-D layout coordinates."""
     fmt = _format(request, format, {"json": "application/json", "npz": NPZ}, "json")
     cpc = request.app.state.settings.cells_per_credit
-    return await run_billed(
+    response = await run_billed(
         request,
         principal,
         endpoint="embed",
-        options={"layout": True},
-        work=lambda parsed: _embed_work(parsed, request.app.state.settings),
+        options={"layout": True, "skip_gene_check": False},
+        work=lambda parsed: _embed_work(request, parsed),
         render=lambda out, parsed, ch: render.embed_body(out, parsed, ch, cpc, fmt),
         media_type=NPZ if fmt == "npz" else "application/json",
         reserved_params=("format",),
     )
+    return _with_model_headers(request, response)
 
 
 @router.get(
@@ -179,13 +210,14 @@ async def query_markers(
     expressed markers behind its call and, per called label, its marker signature."""
     fmt = _format(request, format, {"json": "application/json", "tsv": TSV}, "json")
     cpc = request.app.state.settings.cells_per_credit
-    return await run_billed(
+    response = await run_billed(
         request,
         principal,
         endpoint="markers",
-        options={},
-        work=lambda parsed: _markers_work(parsed, request.app.state.settings),
+        options={"skip_gene_check": False},
+        work=lambda parsed: _markers_work(request, parsed),
         render=lambda out, parsed, ch: render.query_markers(out[0], out[1], parsed, ch, cpc, fmt),
         media_type=TSV if fmt == "tsv" else "application/json",
         reserved_params=("format",),
     )
+    return _with_model_headers(request, response)

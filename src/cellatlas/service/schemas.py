@@ -25,6 +25,9 @@ class AnnotateRequest(BaseModel):
     reference_atlas: str | None = Field(None, description="atlas name or alias, e.g. human-core-2026 (GET /v1/atlases)")
     cell_ids: list[str] | None = Field(None, description="row identifiers echoed back in the response")
     return_embedding: bool = Field(False, description="also return embedding and layout")
+    skip_gene_check: bool = Field(
+        False, description="skip the check that genes belong to the matrix columns (targeted panels); see gene_report.gene_check"
+    )
 
 
 class EmbedRequest(AnnotateRequest):
@@ -46,6 +49,13 @@ class Evidence(BaseModel):
     atlas_distance: float
 
 
+class CellQC(BaseModel):
+    total_counts: float | None = Field(description="counts over all input genes (count-like values for log-normalised input)")
+    n_genes: int | None = Field(description="genes detected")
+    pct_mito: float | None = Field(description="percent of counts in MT- genes (null: no MT- genes in the data)")
+    doublet_score: float | None = Field(None, description="scrublet score (null unless computed)")
+
+
 class Call(BaseModel):
     label: str
     confidence: float = Field(description="calibrated probability that label is right")
@@ -57,6 +67,8 @@ class Call(BaseModel):
     novel: bool
     parent_label: str = Field("", description="the label one level above label (empty at a top-level label)")
     parent_confidence: float | None = Field(None, description="calibrated probability that parent_label is right (null: no parent)")
+    reason: str = Field("", description='why label is "Unassigned" (too few counts or genes); empty for called cells')
+    qc: CellQC
     evidence: Evidence
 
 
@@ -131,7 +143,7 @@ ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
         409: "model unavailable here / atlas lacks this model",
         413: "too many cells or body too large (details has the limit)",
         415: "unsupported Content-Type or Content-Encoding",
-        422: "malformed input (field names it)",
+        422: "malformed input (field names it; code gene_list_mismatch: genes do not belong to the matrix columns)",
         429: "server busy; retry after Retry-After seconds",
     }.items()
 }
@@ -163,9 +175,14 @@ def _inline(schema: dict[str, Any]) -> dict[str, Any]:
     return walk(schema)
 
 
+_SKIP_GENE_CHECK = {"name": "skip_gene_check", "in": "query", "required": False, "schema": {"type": "boolean"},
+                    "description": "skip the gene-list check (targeted panels, sorted populations)"}
+
+
 def _body(model: type[BaseModel], option: str, option_doc: str) -> dict[str, Any]:
     return {
-        "parameters": _PARAMS + [{"name": option, "in": "query", "required": False, "schema": {"type": "boolean"}, "description": option_doc}],
+        "parameters": _PARAMS + [_SKIP_GENE_CHECK,
+                                 {"name": option, "in": "query", "required": False, "schema": {"type": "boolean"}, "description": option_doc}],
         "requestBody": {
             "required": True,
             "content": {

@@ -1,6 +1,7 @@
 """Per-cell QC metrics and marker dot-plot statistics computed from the uploaded counts.
 
-Pure functions over plain arrays: no HTTP, no session state.
+Pure functions over plain arrays: no HTTP, no session state. Marker choice and expression
+scaling are shared with the Python plots (:mod:`cellatlas.tl`).
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ from typing import Any, Sequence
 import numpy as np
 import scipy.sparse as sp
 
-MITO_PREFIXES = ("MT-",)
+from cellatlas.io_qc import cell_qc, mito_mask  # one definition, shared with the engine's per-cell QC
 
 
 @dataclass
@@ -38,12 +39,6 @@ class QCFlags:
     summary: dict[str, Any]
 
 
-def mito_mask(genes: Sequence[str], symbols: Sequence[str | None] | None = None) -> np.ndarray:
-    """Boolean mask of mitochondrial genes (``MT-``/``mt-`` prefix on the symbol or the input name)."""
-    names = [str(s) if s else str(g) for g, s in zip(genes, symbols)] if symbols is not None else [str(g) for g in genes]
-    return np.array([n.upper().startswith(MITO_PREFIXES) for n in names], dtype=bool)
-
-
 def qc_flags(
     X: sp.spmatrix | np.ndarray,
     genes: Sequence[str],
@@ -68,17 +63,13 @@ def qc_flags(
         ``summary["notes"]`` and no cell is flagged for it.
     """
     X = sp.csr_matrix(X) if not sp.issparse(X) else X.tocsr()
-    total = np.asarray(X.sum(axis=1)).ravel().astype(np.float64)
     mask = mito_mask(genes, symbols)
+    facts = cell_qc(X, mask)
+    total = facts.total_counts.astype(np.float64)
+    frac = facts.pct_mito.astype(np.float64) / 100.0
     notes: list[str] = []
-    if mask.any():
-        mito = np.asarray(X[:, np.flatnonzero(mask)].sum(axis=1)).ravel()
-        with np.errstate(divide="ignore", invalid="ignore"):
-            frac = np.where(total > 0, mito / np.where(total > 0, total, 1), 0.0)
-    else:
-        frac = np.full(X.shape[0], np.nan)
-        if max_mito_fraction is not None:
-            notes.append("No mitochondrial (MT-) genes in the data: the mitochondrial filter was not applied.")
+    if not mask.any() and max_mito_fraction is not None:
+        notes.append("No mitochondrial (MT-) genes in the data: the mitochondrial filter was not applied.")
     low = total < min_counts if min_counts is not None else np.zeros(X.shape[0], bool)
     high = (frac > max_mito_fraction) if (max_mito_fraction is not None and mask.any()) else np.zeros(X.shape[0], bool)
     reasons = np.array(
@@ -98,36 +89,13 @@ def qc_flags(
     return QCFlags(total, frac, ~(low | high), reasons, summary)
 
 
-def expression_for_genes(X: sp.spmatrix | np.ndarray, columns: Sequence[int], *, values: str = "counts") -> sp.csr_matrix:
-    """Expression of the selected gene columns on a log1p(CP10k) scale.
-
-    Parameters
-    ----------
-    X
-        Cells x genes matrix as uploaded.
-    columns
-        Column indices to keep.
-    values
-        ``"counts"``: normalise each cell to 10,000 counts over *all* genes, then log1p.
-        Anything else (already normalised input): the values are used as they are.
-    """
-    X = sp.csr_matrix(X) if not sp.issparse(X) else X.tocsr()
-    sub = X[:, np.asarray(columns, dtype=np.int64)].astype(np.float32).tocsr()
-    if values == "counts":
-        total = np.asarray(X.sum(axis=1)).ravel()
-        scale = np.where(total > 0, 1e4 / np.where(total > 0, total, 1), 0.0).astype(np.float32)
-        sub = sp.diags(scale) @ sub
-        sub.data = np.log1p(sub.data)
-    return sp.csr_matrix(sub)
-
-
 def dotplot_stats(expr: sp.csr_matrix, groups: Sequence[str], order: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
     """Per group: fraction of cells expressing each gene and the mean expression.
 
     Parameters
     ----------
     expr
-        Cells x genes expression (e.g. from :func:`expression_for_genes`).
+        Cells x genes expression (e.g. from :func:`cellatlas.tl.expression_for_genes`).
     groups
         Group (label) of each cell.
     order
@@ -152,24 +120,3 @@ def dotplot_stats(expr: sp.csr_matrix, groups: Sequence[str], order: Sequence[st
     frac = np.asarray((onehot @ positive).todense()) / n_safe
     mean = np.asarray((onehot @ expr).todense()) / n_safe
     return frac, mean
-
-
-def marker_genes_for(
-    labels: Sequence[str], marker_sets: dict[str, dict[str, Any]], available: set[str], per_label: int = 3
-) -> list[tuple[str, str]]:
-    """Up to ``per_label`` positive markers per label that exist in the data, as ``(label, gene)`` pairs.
-
-    A gene is listed once, under the first label that claims it.
-    """
-    out: list[tuple[str, str]] = []
-    seen: set[str] = set()
-    for lab in labels:
-        k = 0
-        for g in (marker_sets.get(lab) or {}).get("positive", []):
-            if g in available and g not in seen:
-                out.append((lab, g))
-                seen.add(g)
-                k += 1
-                if k >= per_label:
-                    break
-    return out

@@ -126,7 +126,13 @@ def dataset_facts(ds: Dataset, atlases: Sequence[dict[str, Any]], settings: Sett
         cov[info["name"]] = entry
     rep = ds.mapping_report
     n_cells, n_genes = ds.X.shape
+    examples = [gene_display_name(ds, j) if rep.get("species") == "mouse" else ds.genes[j] for j in range(min(6, n_genes))]
+    notes = [str(x) for x in _read_notes(ds.adata)]
+    changed = [(g, e) for g, e in zip(ds.genes, examples) if g != e]
+    if changed:
+        notes.append(f"mouse gene names are shown as MGI writes them (the file has '{changed[0][0]}' for '{changed[0][1]}')")
     return {
+        "gene_check": gene_check(ds),
         "n_cells": int(n_cells),
         "n_genes": int(n_genes),
         "id_type": rep.get("id_type", "unknown"),
@@ -137,11 +143,24 @@ def dataset_facts(ds: Dataset, atlases: Sequence[dict[str, Any]], settings: Sett
         "source": ds.source,
         "density": round(ds.X.nnz / max(n_cells * n_genes, 1), 4),
         "median_genes_per_cell": float(np.median(np.diff(ds.X.indptr))) if n_cells else 0.0,
-        "example_genes": ds.genes[:6],
-        "read_notes": [str(x) for x in _read_notes(ds.adata)],
+        "example_genes": examples,
+        "read_notes": notes,
         "mapping": rep,
         "coverage": cov,
     }
+
+
+def gene_check(ds: Dataset) -> dict[str, Any]:
+    """The engine's gene-list check (:func:`cellatlas.io_genecheck.check_gene_list`) on the upload, for the check page.
+
+    A run of the same file is refused when the verdict is ``error`` unless the user ticks
+    "Skip the gene-list check".
+    """
+    from cellatlas.io_genecheck import GeneCheck, check_gene_list
+
+    if ds.value_type == "scaled":  # refused at run time anyway, with its own message
+        return GeneCheck("unchecked", message="gene-list check not run: the values are scaled").report()
+    return check_gene_list(ds.X, ds.mapping.symbols, values=ds.value_type).report()
 
 
 def choices(settings: Settings) -> dict[str, Any]:
@@ -161,7 +180,9 @@ def choices(settings: Settings) -> dict[str, Any]:
     }
 
 
-def annotate_dataset(ds: Dataset, *, model: str, atlas: str, settings: Settings, progress: ProgressFn, n_steps: int = 5):
+def annotate_dataset(
+    ds: Dataset, *, model: str, atlas: str, settings: Settings, progress: ProgressFn, n_steps: int = 5, skip_gene_check: bool = False
+):
     """Annotate every cell with :func:`cellatlas.annotate`, reporting progress after each chunk.
 
     Chunks are at least :data:`MIN_PROGRESS_CHUNK` cells (smaller ones cost more than the
@@ -184,8 +205,60 @@ def annotate_dataset(ds: Dataset, *, model: str, atlas: str, settings: Settings,
         atlas=load_atlas(atlas, settings),
         cell_ids=ds.cell_ids,
         chunk_size=chunk,
+        skip_gene_check=skip_gene_check,
         progress=lambda done, total: progress(f"Annotated {done:,} of {total:,} cells", done / max(total, 1)),
     )
+
+
+def gene_display_name(ds: Dataset, col: int) -> str:
+    """How to show the gene of column ``col``: its HGNC symbol for human data, the
+    dataset's own name in MGI case for mouse data (files that upper-case mouse symbols
+    are shown as MGI writes them)."""
+    from cellatlas.genes import display_name
+
+    species = ds.mapping_report.get("species", "human")
+    if species == "mouse":
+        return display_name(ds.genes[col], "mouse")
+    return ds.mapping.symbols[col] or ds.genes[col]
+
+
+def marker_display_names(ds: Dataset, marker_sets: dict[str, Any], col_of: dict[str, int]) -> dict[str, str]:
+    """For mouse data, how each atlas marker (a human symbol) is shown: the dataset's own gene
+    name in MGI case (``INS`` -> ``Ins1``); empty for human data, where the symbol is the name."""
+    if ds.mapping_report.get("species") != "mouse":
+        return {}
+    genes = {g for entry in marker_sets.values() for g in entry.get("positive", [])}
+    return {g: gene_display_name(ds, col_of[g]) for g in sorted(genes) if g in col_of}
+
+
+def upload_groupings(ds: Dataset) -> dict[str, dict[str, Any]]:
+    """Label or cluster columns of the upload's ``obs`` to compare the calls with.
+
+    ``{column: {"kind": "labels"|"clusters", "codes": int32 per cell (-1 missing), "groups": [...]}}``,
+    labels-like columns first (names with cell_type / label / annotation before others).
+    """
+    import pandas as pd
+
+    from cellatlas.adata_out import written_before
+    from cellatlas.tl import find_groupings, group_order
+
+    obs = getattr(ds.adata, "obs", None)
+    if obs is None or len(obs) != ds.X.shape[0]:
+        return {}
+    found = find_groupings(obs, exclude=written_before(ds.adata))
+
+    def rank(g):
+        named = any(w in g["column"].lower() for w in ("cell_type", "celltype", "label", "annot"))
+        return (not named, g["kind"] != "labels", g["column"])
+
+    out = {}
+    for g in sorted(found, key=rank):
+        col = obs[g["column"]]
+        order = group_order(col)
+        values = np.where(col.isna().to_numpy(), None, col.astype(str).to_numpy(dtype=object))
+        cat = pd.Categorical(values, categories=order)
+        out[g["column"]] = {"kind": g["kind"], "codes": np.asarray(cat.codes, dtype=np.int32), "groups": order}
+    return out
 
 
 _FORMAT_FIX = (
@@ -215,11 +288,13 @@ _warmed: set[str] = set()
 
 
 def warm_up(settings: Settings, atlas: str | None) -> None:
-    """Load the gene tables and ``atlas`` and annotate a few of its reference cells, in a thread.
+    """Load the gene tables and ``atlas``, annotate a few of its reference cells and lay them
+    out with a UMAP, in a thread.
 
     Called when the page first asks for its configuration, so the engine is warm by
     the time a file is uploaded (the first annotation after a server start otherwise
-    pays for loading tables, the atlas and the encoder). Runs once per atlas.
+    pays for loading tables, the atlas and the encoder, and the first map of the user's
+    cells for compiling UMAP's numba code, about 20 s). Runs once per atlas.
     """
     if not atlas:
         return
@@ -236,7 +311,11 @@ def warm_up(settings: Settings, atlas: str | None) -> None:
         try:
             load_tables()
             at = load_atlas(atlas, settings)
-            cellatlas.annotate(at.reference_counts()[:20], at.ref_genes, atlas=at)
+            res = cellatlas.annotate(at.reference_counts()[:60], at.ref_genes, atlas=at)
+            if res.embedding is not None:  # compiles scanpy's UMAP (numba) before the first upload needs it
+                from cellatlas.tl import embedding_umap
+
+                embedding_umap(res.embedding)
         except Exception:  # warming is best effort; a real run reports any problem itself
             log.debug("workspace warm-up of %s failed", atlas, exc_info=True)
 

@@ -8,7 +8,8 @@ Columns follow the Python API (:meth:`AnnotationResult.to_dataframe` for the CSV
 - ``relabelled`` (CSV) / ``cell_type_relabelled`` (obs): whether the user changed it,
 - ``qc_total_counts``, ``qc_mito_fraction``, ``qc_pass``, ``qc_flags``.
 
-Uploaded ``obs`` columns with those names are kept as ``<name>_uploaded``.
+Uploaded ``obs`` columns with those names are kept as ``<name>_uploaded``
+(:mod:`cellatlas.adata_out`, the rule every door follows).
 
 ``cell_type_confidence`` and ``cell_type_band`` always describe the engine's call.
 """
@@ -69,23 +70,6 @@ def write_calls_csv(run: dict[str, Any], relabels: dict[int, str], path: Path) -
 WORKSPACE_OBS = ("cell_type_original", "cell_type_relabelled", "qc_total_counts", "qc_mito_fraction", "qc_pass", "qc_flags")
 
 
-def _keep_user_columns(adata, res) -> dict[str, str]:
-    """Move uploaded ``obs`` columns the calls would overwrite to ``<name>_uploaded`` (never lose them)."""
-    import anndata as ad
-
-    probe = ad.AnnData(obs=pd.DataFrame(index=adata.obs_names.copy()))
-    res.write_adata(probe)
-    ours = set(probe.obs.columns) | set(WORKSPACE_OBS)
-    renamed = {}
-    for col in [c for c in adata.obs.columns if c in ours]:
-        new, k = f"{col}_uploaded", 2
-        while new in adata.obs.columns or new in ours:
-            new, k = f"{col}_uploaded{k}", k + 1
-        renamed[col] = new
-    adata.obs.rename(columns=renamed, inplace=True)
-    return renamed
-
-
 def write_annotated_h5ad(adata, run: dict[str, Any], relabels: dict[int, str], path: Path) -> Path:
     """Write a copy of the uploaded AnnData with the calls in ``obs``/``obsm``/``uns``.
 
@@ -93,8 +77,7 @@ def write_annotated_h5ad(adata, run: dict[str, Any], relabels: dict[int, str], p
     """
     out = adata.copy()
     res = run["result"]
-    renamed = _keep_user_columns(out, res)
-    res.write_adata(out)
+    renamed = res.write_adata(out, reserve=WORKSPACE_OBS)  # the upload's own columns move to *_uploaded
     rc = _relabel_columns(run, relabels)
     obs = out.obs
     obs["cell_type"] = pd.Categorical(rc["current"])
@@ -104,6 +87,7 @@ def write_annotated_h5ad(adata, run: dict[str, Any], relabels: dict[int, str], p
     for k, v in _qc_columns(run).items():
         obs[k] = v
     uns = dict(out.uns.get("cellatlas", {}))
+    uns["obs_columns"] = [*uns.get("obs_columns", []), *WORKSPACE_OBS]
     uns["workspace"] = {
         "options": {k: v for k, v in run["options"].items() if v is not None},
         "qc": {k: v for k, v in run["qc"].summary.items() if v is not None and k != "notes"},

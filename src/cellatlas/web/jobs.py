@@ -19,11 +19,13 @@ import numpy as np
 from cellatlas.config import Settings
 from cellatlas.errors import CellAtlasError
 from cellatlas.web import engine
-from cellatlas.web.analysis import expression_for_genes, marker_genes_for, qc_flags
+from cellatlas.tl import defining_markers, expression_for_genes
+from cellatlas.web import usermap
+from cellatlas.web.analysis import qc_flags
 from cellatlas.web.sessions import Session
 
 MAX_REFERENCE_POINTS = 20_000
-MARKERS_PER_LABEL = 3
+MARKERS_PER_LABEL = 4
 
 _PROCESS = secrets.token_hex(8)
 """Identifies this server process in run statuses (pids can be reused after a restart)."""
@@ -64,6 +66,7 @@ def start_run(session: Session, options: dict[str, Any], settings: Settings, cha
         session.cache.pop("result", None)
         (session.dir / "result.pkl").unlink(missing_ok=True)
         session.set_relabels({})
+        usermap.reset(session)
         session.update(
             options=options,
             status={
@@ -118,6 +121,7 @@ def _run_safely(session: Session, options: dict[str, Any], settings: Settings, c
         session.save_result(run)
         total = round(time.time() - session.meta["status"].get("started", time.time()), 3)
         session.update(status={"state": "done", "stage": "Done", "progress": 1.0, "seconds": total, "usage": usage})
+        usermap.start(session, run, _executor())  # a UMAP of the user's cells, when the upload has none
     except CellAtlasError as e:
         session.update(status={"state": "error", "stage": "Failed", "progress": 1.0, **e.to_dict()})
     except Exception as e:  # an engine bug must still end the progress bar with a message
@@ -166,6 +170,7 @@ def build_run(session: Session, options: dict[str, Any], settings: Settings, pro
         atlas=options["atlas"],
         settings=settings,
         progress=lambda stage, frac: progress(stage, 0.08 + 0.8 * frac),
+        skip_gene_check=bool(options.get("skip_gene_check")),
     )
     timings["annotate"] = time.perf_counter() - t
 
@@ -177,8 +182,8 @@ def build_run(session: Session, options: dict[str, Any], settings: Settings, pro
     for j, s in enumerate(ds.symbols):
         if s and s not in col_of:
             col_of[s] = j
-    pairs = marker_genes_for(list(marker_sets), marker_sets, set(col_of), per_label=MARKERS_PER_LABEL)
-    expr_genes = [g for _, g in pairs]
+    # each label's own markers (no gene claimed away by another label: the view picks per shown label)
+    expr_genes = list(dict.fromkeys(g for lab in marker_sets for _, g in defining_markers([lab], marker_sets, col_of, MARKERS_PER_LABEL)))
     expr_scale = "log1p(CP10k)" if ds.value_type == "counts" else f"uploaded values ({ds.value_type})"
     expr = expression_for_genes(ds.X, [col_of[g] for g in expr_genes], values=ds.value_type) if expr_genes else None
     labels_df = atlas.labels
@@ -190,7 +195,10 @@ def build_run(session: Session, options: dict[str, Any], settings: Settings, pro
         "options": dict(options),
         "expr": expr,
         "expr_genes": expr_genes,
+        "gene_names": engine.marker_display_names(ds, marker_sets, col_of),
         "expr_scale": expr_scale,
+        "groupings": engine.upload_groupings(ds),
+        "user_map": usermap.uploaded(ds.adata, len(res)),
         "marker_sets": marker_sets,
         "ontology": ontology,
         "reference": reference_backdrop(atlas),

@@ -22,7 +22,7 @@ from cellatlas.config import Settings, get_settings
 from cellatlas.errors import CellAtlasError, InputError, ModelUnavailableError, PayloadTooLargeError
 from cellatlas.result import CONFIDENT, REVIEW
 from cellatlas.service.deps import get_principal
-from cellatlas.web import engine, jobs, views
+from cellatlas.web import engine, jobs, usermap, views
 from cellatlas.web.export import write_annotated_h5ad, write_calls_csv
 from cellatlas.web.sessions import ACCEPTED_SUFFIXES, Session, SessionStore
 
@@ -53,6 +53,7 @@ class RunOptions(BaseModel):
     atlas: str | None = Field(None, description="Atlas name; the server's default when omitted.")
     min_counts: float | None = Field(None, ge=0, description="Flag cells with fewer total counts.")
     max_mito_fraction: float | None = Field(None, ge=0, le=1, description="Flag cells with a higher MT- fraction.")
+    skip_gene_check: bool = Field(False, description="Skip the check that the gene names belong to the matrix columns.")
 
 
 class RelabelRequest(BaseModel):
@@ -278,9 +279,18 @@ def run_status(sid: str, request: Request, principal: Any = Depends(get_principa
 
 @router.get(f"{API}/sessions/{{sid}}/results")
 def results(sid: str, request: Request, principal: Any = Depends(get_principal)) -> Response:
-    """Points, label table, confidence histogram, marker dot plot and summary of the run."""
+    """Points, label table, confidence histogram, marker dot plot, comparisons with the
+    upload's labels/clusters, the map of the user's cells and the summary of the run."""
     s = _session(request, sid, principal)
-    return _json(views.results_payload(_finished_run(s), s.relabels()))
+    run_ = _finished_run(s)
+    return _json({**views.results_payload(run_, s.relabels()), "user_map": usermap.payload(s, run_)})
+
+
+@router.get(f"{API}/sessions/{{sid}}/user-map")
+def user_map(sid: str, request: Request, principal: Any = Depends(get_principal)) -> Response:
+    """The map of the user's own cells: ``state`` (computing/done/error/unavailable) and, once done, ``x``/``y``."""
+    s = _session(request, sid, principal)
+    return _json(usermap.payload(s, _finished_run(s)))
 
 
 @router.get(f"{API}/sessions/{{sid}}/review")

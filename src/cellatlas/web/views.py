@@ -13,10 +13,12 @@ from __future__ import annotations
 from typing import Any, Iterable, Sequence
 
 import numpy as np
+import pandas as pd
 
+from cellatlas import tl
 from cellatlas.errors import InputError
 from cellatlas.result import CONFIDENT, REVIEW
-from cellatlas.web.analysis import dotplot_stats, marker_genes_for
+from cellatlas.web.analysis import dotplot_stats
 
 BANDS = ("confident", "review", "low")
 MAX_LABEL_CHARS = 120
@@ -33,9 +35,8 @@ def current_labels(run: dict[str, Any], relabels: dict[int, str]) -> np.ndarray:
 
 
 def _label_order(labels: np.ndarray) -> list[str]:
-    uniq, counts = np.unique(labels.astype(str), return_counts=True)
-    order = np.lexsort((uniq, -counts))
-    return [str(uniq[i]) for i in order]
+    """Labels by number of cells, ``Unassigned`` last (as in :mod:`cellatlas.pl`)."""
+    return tl.call_order(pd.Series(labels))
 
 
 def results_payload(run: dict[str, Any], relabels: dict[int, str]) -> dict[str, Any]:
@@ -67,12 +68,14 @@ def results_payload(run: dict[str, Any], relabels: dict[int, str]) -> dict[str, 
         "label_table": label_table(run, labels, order),
         "histogram": confidence_histogram(conf),
         "dotplot": marker_dotplot(run, labels, order),
+        "comparisons": comparisons(run, labels),
         "summary": {
             "n_cells": n,
             "n_labels": len(order),
             "bands": {b: int((band == b).sum()) for b in BANDS},
             "n_relabelled": len(relabels),
             "n_novel": int(np.asarray(res.novel, dtype=bool).sum()),
+            "unassigned": (res.provenance or {}).get("unassigned") or {"n_cells": 0, "reasons": {}},
             "mean_confidence": round(float(conf.mean()), 4) if n else 0.0,
             "qc": qc.summary,
             "options": run["options"],
@@ -123,23 +126,56 @@ def confidence_histogram(conf: np.ndarray, bins: int = HIST_BINS) -> dict[str, A
 
 
 def marker_dotplot(run: dict[str, Any], labels: np.ndarray, order: Sequence[str]) -> dict[str, Any]:
-    """Per label: fraction expressing and mean log1p(CP10k) of the top labels' markers."""
+    """Per label: fraction expressing and mean log1p(CP10k) of each shown label's own markers
+    (its curated positives first, then those derived from the reference; never genes it
+    only inherits, such as the pan-leukocyte ones)."""
     expr, genes = run.get("expr"), list(run.get("expr_genes", []))
-    shown = [lab for lab in order if lab in run.get("marker_sets", {})][:MAX_DOTPLOT_LABELS]
     rows = list(order[:MAX_DOTPLOT_LABELS])
-    pairs = marker_genes_for(shown, run.get("marker_sets", {}), set(genes)) if expr is not None else []
+    pairs = tl.defining_markers(rows, run.get("marker_sets", {}), set(genes)) if expr is not None else []
     if not pairs:
         return {"labels": rows, "genes": [], "gene_label": [], "fraction": [], "mean": [], "scale": run.get("expr_scale")}
     cols = [genes.index(g) for _, g in pairs]
     frac, mean = dotplot_stats(expr[:, cols].tocsr(), labels.astype(str), rows)
+    names = run.get("gene_names", {})
     return {
         "labels": rows,
-        "genes": [g for _, g in pairs],
+        "genes": [names.get(g, g) for _, g in pairs],
         "gene_label": [lab for lab, _ in pairs],
         "fraction": np.round(frac, 4),
         "mean": np.round(mean, 4),
         "scale": run.get("expr_scale"),
     }
+
+
+def comparisons(run: dict[str, Any], labels: np.ndarray) -> list[dict[str, Any]]:
+    """The current labels against each label/cluster column of the upload (:func:`cellatlas.tl.crosstab`).
+
+    Per column: rows (the upload's groups), cols (calls), ``share`` (row-normalised), cells
+    per row, and per row the majority call, its share and the mean confidence.
+    """
+    conf = np.asarray(run["result"].confidence, dtype=float)
+    out = []
+    for column, g in (run.get("groupings") or {}).items():
+        ref = pd.Series(pd.Categorical.from_codes(g["codes"], categories=g["groups"]))
+        counts = tl.crosstab(ref, labels, normalize=False)
+        summary = tl.summarise_groups(ref, labels, conf).reindex(counts.index)
+        n = counts.sum(axis=1)
+        out.append(
+            {
+                "column": column,
+                "kind": g["kind"],
+                "rows": [str(r) for r in counts.index],
+                "cols": [str(c) for c in counts.columns],
+                "share": np.ascontiguousarray(np.round(counts.div(n.replace(0, 1), axis=0).to_numpy(dtype=float), 4)),
+                "n": n.to_numpy().astype(np.int64),
+                "summary": [
+                    {"group": str(k), "n": int(r.n_cells), "majority": r.majority_label, "share": round(r.majority_share, 4),
+                     "second": r.second_label, "second_share": round(r.second_share, 4), "mean_confidence": round(r.mean_confidence, 4)}
+                    for k, r in summary.iterrows()
+                ],
+            }
+        )
+    return out
 
 
 def review_page(
@@ -200,9 +236,11 @@ def cell_detail(run: dict[str, Any], relabels: dict[int, str], i: int) -> dict[s
         "level": str(res.level[i]),
         "parent": {"label": str(res.parent_label[i]), "confidence": _finite(res.parent_confidence[i])},
         "ontology_id": str(res.ontology_id[i]),
-        "alternates": [{"label": str(lab), "score": round(float(s), 4)} for lab, s in res.alternates[i]],
-        "markers": list(res.markers[i])[:8],
+        # an alternate the evidence gives no weight (0.00 shown) is no one-click relabel
+        "alternates": [{"label": str(lab), "score": round(float(s), 4)} for lab, s in res.alternates[i] if round(float(s), 2) > 0],
+        "markers": [run.get("gene_names", {}).get(g, g) for g in list(res.markers[i])[:8]],  # mouse: the data's own names
         "novel": bool(res.novel[i]),
+        "reason": str(res.reason[i]),
         "evidence": {
             "knn_label": str(res.knn_label[i]),
             "knn_prob": round(float(res.knn_prob[i]), 4),

@@ -29,10 +29,26 @@ export function renderFacts() {
   for (const n of f.read_notes || []) notes.push(["warn", `While reading the file: ${n}.`]);
   if (f.fraction_genes_mapped < 0.5) notes.push(["warn", `Only ${pct(f.fraction_genes_mapped)} of the genes map to known human gene symbols. Check that the gene names are symbols or Ensembl ids (not row numbers) and the species.`]);
   $("#facts-notes").innerHTML = notes.map(([k, t]) => `<div class="alert alert-${k}">${esc(t)}</div>`).join("");
+  renderGeneCheck(f.gene_check);
   fillChoices();
   showError($("#run-error"), null);
   $("#run-progress").hidden = true;
   $("#run-btn").disabled = false;
+}
+
+// The engine's gene-list check: an error here means the run is refused unless the check is skipped.
+function renderGeneCheck(gc) {
+  const box = $("#gene-check");
+  $("#skip-gene-check").checked = false;
+  if (!gc || gc.verdict === "ok" || gc.verdict === "unchecked") {
+    box.innerHTML = gc && gc.verdict === "ok"
+      ? `<p class="help gene-check-ok">Gene list matches the matrix columns (${esc(gc.message)}).</p>` : "";
+    return;
+  }
+  const error = gc.verdict === "error";
+  box.innerHTML = `<div class="alert alert-${error ? "error" : "warn"} gene-check-${esc(gc.verdict)}" role="${error ? "alert" : "status"}">`
+    + `<strong>${error ? "The gene names do not fit this matrix: the run would be refused." : "The gene names fit this matrix only weakly."}</strong> `
+    + `${esc(gc.message)}${gc.fix ? `<span class="fix"><b>How to fix:</b> ${esc(gc.fix)}</span>` : ""}</div>`;
 }
 
 function fillChoices() {
@@ -89,6 +105,7 @@ export async function runAnnotation(e) {
   const body = {
     atlas: $("#atlas-select").value || null, model: $("#model-select").value || null,
     min_counts: num("#qc-min-on", "#qc-min"), max_mito_fraction: num("#qc-mito-on", "#qc-mito", 100),
+    skip_gene_check: $("#skip-gene-check").checked,
   };
   $("#run-btn").disabled = true;
   setProgress($("#run-progress"), 0, "Starting…");

@@ -45,8 +45,13 @@ export function confidenceColor(c) {
   return "rgb(0,0,0)";
 }
 
-/** Colour of the i-th label (palette first, then evenly spaced hues). */
-export function labelColor(i) {
+export const UNASSIGNED = "Unassigned";
+const UNASSIGNED_COLOR = "#b8bcc6";
+
+/** Colour of the i-th label (palette first, then evenly spaced hues); "Unassigned" is grey
+ * (it is always listed last, so the other labels keep their colours). */
+export function labelColor(i, name) {
+  if (name === UNASSIGNED) return UNASSIGNED_COLOR;
   if (i < PALETTE.length) return PALETTE[i];
   const hue = (i * 137.508) % 360;
   return `hsl(${hue.toFixed(0)}, 55%, ${i % 2 ? 42 : 55}%)`;
@@ -62,17 +67,21 @@ function baseLayout(extra = {}) {
 }
 
 /**
- * Draw query cells on the atlas layout.
+ * Draw the cells on a map: the user's own (view "user": their UMAP or one of the cellatlas
+ * embedding) or the atlas projection (view "atlas", over the grey reference cells).
+ * Without coordinates (the user's map is still being computed) the plot is left empty.
  * @param {HTMLElement} el  plot container
  * @param {object} res      /results payload
- * @param {{colorBy: string, showRef: boolean}} opts
+ * @param {{colorBy: string, showRef: boolean, view: string}} opts
  */
 export function drawMap(el, res, opts) {
-  const p = res.points;
+  const user = opts.view !== "atlas";
+  const um = res.user_map || {};
+  const p = { ...res.points, ...(user ? { x: um.x || [], y: um.y || [] } : {}) };
   const n = p.x.length;
   const size = pointSize(n);
   const traces = [];
-  if (opts.showRef && res.reference) {
+  if (!user && opts.showRef && res.reference) {
     traces.push({
       type: "scattergl", mode: "markers", name: "Reference cells", x: res.reference.x, y: res.reference.y,
       marker: { size: Math.max(2, size - 1.5), color: "#d5d9e3" }, hoverinfo: "skip", showlegend: true,
@@ -93,7 +102,7 @@ export function drawMap(el, res, opts) {
   });
   const byLabel = () => groups((i) => p.label[i], res.labels.length);
   if (opts.colorBy === "label") {
-    byLabel().forEach((ids, k) => { if (ids.length) traces.push(trace(ids, res.labels[k], labelColor(k))); });
+    byLabel().forEach((ids, k) => { if (ids.length) traces.push(trace(ids, res.labels[k], labelColor(k, res.labels[k]))); });
   } else if (opts.colorBy === "band") {
     groups((i) => p.band[i], 3).forEach((ids, k) => {
       if (ids.length) traces.push(trace(ids, BAND_NAMES[k], BAND_COLORS[BAND_NAMES[k]]));
@@ -118,7 +127,7 @@ export function drawMap(el, res, opts) {
       ? { itemsizing: "constant", font: { size: 11 }, orientation: "h", x: 0, y: -0.02, yanchor: "top" }
       : { itemsizing: "constant", font: { size: 11 }, x: 1, xanchor: "left", y: 1, yanchor: "top" },
     margin: { l: 10, r: 10, t: 36, b: 10 },
-    dragmode: opts.dragmode || "zoom", uirevision: "map", hovermode: "closest",
+    dragmode: opts.dragmode || "zoom", uirevision: `map-${user ? "user" : "atlas"}`, hovermode: "closest",
     coloraxis: {
       cmin: 0, cmax: 1, colorscale: CONF_SCALE.map(([x, c]) => [x, `rgb(${c.join(",")})`]),
       colorbar: { title: { text: "confidence" }, tickvals: [0, 0.4, 0.7, 1], thickness: 12, len: 0.6 },
@@ -182,6 +191,25 @@ export function drawDotplot(el, dp) {
     height, margin: { l: 150, r: 20, t: 10, b: 90 },
     xaxis: { tickangle: -45, type: "category", gridcolor: "#f0f2f7", automargin: true },
     yaxis: { type: "category", autorange: "reversed", gridcolor: "#f0f2f7", automargin: true },
+  }), { ...CONFIG, scrollZoom: false });
+}
+
+/** Heatmap of the user's labels or clusters (rows) against the calls (columns), rows summing to 1. */
+export function drawCompare(el, cmp) {
+  const rows = cmp.rows.map((r, i) => `${r} (${cmp.n[i].toLocaleString("en-US")})`);
+  const height = Math.max(260, 120 + 26 * rows.length);
+  el.style.height = `${height}px`;
+  return Plotly.react(el, [{
+    type: "heatmap", z: cmp.share, x: cmp.cols, y: rows, zmin: 0, zmax: 1, xgap: 1, ygap: 1,
+    colorscale: [[0, "#f7f9fd"], [0.3, "#a5b4fc"], [0.7, "#4f46e5"], [1, "#1e1b4b"]],
+    text: cmp.share.map((row) => row.map((v) => (v >= 0.05 ? `${Math.round(100 * v)}%` : ""))),
+    texttemplate: "%{text}", textfont: { size: 10 },
+    colorbar: { title: { text: "share of row" }, tickformat: ".0%", thickness: 10, len: 0.8 },
+    hovertemplate: `<b>%{y}</b> → %{x}<br>%{z:.1%} of the row's cells<extra></extra>`,
+  }], baseLayout({
+    height, margin: { l: 10, r: 10, t: 10, b: 10 },
+    xaxis: { type: "category", tickangle: -40, automargin: true, title: { text: "cellatlas call" } },
+    yaxis: { type: "category", autorange: "reversed", automargin: true, title: { text: cmp.column } },
   }), { ...CONFIG, scrollZoom: false });
 }
 

@@ -1,6 +1,6 @@
 // Step 3: plots, label table, review queue, cell inspector, relabels and downloads.
 import { call, download } from "./api.js";
-import { drawDotplot, drawHistogram, drawMap, escapeHtml as esc, labelColor, loadPlotly } from "./plots.js";
+import { drawCompare, drawDotplot, drawHistogram, drawMap, escapeHtml as esc, labelColor, loadPlotly } from "./plots.js";
 import { bindCellActions, renderInspector, renderReview } from "./review.js";
 import { $, bytes, fmt, pct, showError, state } from "./ui.js";
 
@@ -9,7 +9,26 @@ export async function loadResults({ relabelOnly = false } = {}) {
   const [results] = await Promise.all([call(`/sessions/${state.session.id}/results`), loadPlotly(state.config.plotly_url)]);
   state.results = results;
   renderResults(relabelOnly);
+  if (results.user_map?.state === "computing") pollUserMap(state.session.id);
   await loadReview();
+}
+
+// ------------------------------------------------------------------ comparison with the upload's own labels
+function renderCompare() {
+  const cmps = state.results.comparisons || [];
+  $("#compare").hidden = !cmps.length;
+  if (!cmps.length) return;
+  const sel = $("#compare-column");
+  if (!cmps.some((c) => c.column === state.compareColumn)) state.compareColumn = cmps[0].column;
+  sel.innerHTML = cmps.map((c) => `<option value="${esc(c.column)}"${c.column === state.compareColumn ? " selected" : ""}>${esc(c.column)} (${c.kind}, ${c.rows.length})</option>`).join("");
+  const cmp = cmps.find((c) => c.column === state.compareColumn);
+  $("#compare-title").textContent = cmp.kind === "clusters" ? "Your clusters and the calls" : "Compared with your labels";
+  $("#compare-sub").textContent = `Rows: the groups of your file's obs['${cmp.column}']; columns: cellatlas calls (your relabels included). Each row sums to 100% of its cells.`;
+  drawCompare($("#plot-compare"), cmp);
+  $("#compare-table tbody").innerHTML = cmp.summary.map((r) => `<tr>
+      <th scope="row">${esc(r.group)}</th><td class="num">${fmt(r.n)}</td><td>${esc(r.majority)}</td>
+      <td class="num">${pct(r.share)}</td><td class="muted">${r.second ? `${esc(r.second)} ${pct(r.second_share)}` : "—"}</td>
+      <td class="num">${r.mean_confidence.toFixed(2)}</td></tr>`).join("");
 }
 
 function tile(label, value, sub, cls = "") {
@@ -27,16 +46,22 @@ function renderResults(relabelOnly = false) {
     tile("Review", pct(s.bands.review / n), `${fmt(s.bands.review)} cells 0.4–0.7`, "tile-review"),
     tile("Low", pct(s.bands.low / n), `${fmt(s.bands.low)} cells < 0.4`, "tile-low"),
     tile("QC flagged", fmt(s.qc.n_flagged), s.qc.min_counts == null && s.qc.max_mito_fraction == null ? "no filters set" : "kept; qc_pass = false"),
+    tile("Unassigned", fmt(s.unassigned.n_cells), "too little information to call", "tile-unassigned"),
     tile("Relabelled", fmt(s.n_relabelled), "by you, kept in downloads"),
   ].join("");
   const notes = [...(s.qc.notes || []).map((t) => ["warn", t])];
   if (s.n_novel) notes.push(["warn", `${fmt(s.n_novel)} cells look unlike anything in the atlas (marked novel); their labels are the nearest match.`]);
   for (const w of r.gene_report?.warnings || []) notes.push(["warn", typeof w === "string" ? w : w.message]);
+  const gc = r.gene_report?.gene_check;
+  if (gc && (gc.verdict === "warning" || gc.verdict === "skipped")) notes.push(["warn", `Gene list: ${gc.message}`]);
+  const un = s.unassigned;
+  if (un.n_cells) notes.push(["warn", `${fmt(un.n_cells)} cells are Unassigned: ${Object.entries(un.reasons).map(([why, k]) => `${fmt(k)} ${why}`).join("; ")}.`]);
   $("#results-notes").innerHTML = notes.map(([k, t]) => `<div class="alert alert-${k}">${esc(t)}</div>`).join("");
   drawMapNow();
+  renderCompare();
   if (!relabelOnly) drawHistogram($("#plot-hist"), r.histogram); // relabels never change confidence
   drawDotplot($("#plot-dots"), r.dotplot);
-  $("#dots-sub").textContent = `Each label's top atlas markers: dot size = fraction of cells expressing, colour = mean ${r.dotplot.scale || "expression"}.`;
+  $("#dots-sub").textContent = `Each label's own markers, curated first, then derived from the reference: dot size = fraction of cells expressing, colour = mean ${r.dotplot.scale || "expression"}.`;
   renderLabelTable();
   const labels = new Set([...r.atlas_labels, ...r.labels]);
   $("#atlas-labels").innerHTML = [...labels].sort().map((l) => `<option value="${esc(l)}"></option>`).join("");
@@ -45,9 +70,44 @@ function renderResults(relabelOnly = false) {
   if (cur && !r.labels.includes(cur)) state.review.label = "";
 }
 
+const MAP_ACTIONS = "Click a cell to inspect it; use lasso select to relabel a group of cells.";
+const MAP_HELP = {
+  user: "Your cells laid out by their own similarity.",
+  atlas: "Your cells placed on the atlas's 2-D reference layout (reference cells in grey): where each cell lands among the atlas's own cells, not a map of your data. Labels without reference cells sit on fixed anchors.",
+};
+
+/** Status line over the user's map while it is computed (or why there is none). */
+function mapStatus() {
+  const um = state.results.user_map || {}, el = $("#map-status");
+  const msg = state.mapView !== "user" || um.state === "done" ? ""
+    : um.state === "computing" ? "Computing a UMAP of your cells (scanpy, on the cellatlas embedding)…"
+    : `${um.message || "No map of your cells is available."} The atlas projection is one click away.`;
+  el.hidden = !msg;
+  el.textContent = msg;
+  const what = state.mapView === "user" && um.state === "done" ? `${um.title}.` : MAP_HELP[state.mapView];
+  $("#map-sub").textContent = `${what} ${MAP_ACTIONS}`;
+}
+
+/** Poll the user's map until it is computed, then draw it. */
+async function pollUserMap(sid) {
+  if (state.pollingMap === sid) return; // one poller per session
+  state.pollingMap = sid;
+  try {
+    while (state.session?.id === sid && state.results?.user_map?.state === "computing") {
+      await new Promise((r) => setTimeout(r, 1000));
+      if (state.session?.id !== sid) return;
+      state.results.user_map = await call(`/sessions/${sid}/user-map`);
+    }
+    if (state.session?.id === sid) drawMapNow();
+  } catch (err) { showError($("#global-error"), err); } finally { state.pollingMap = null; }
+}
+
 function drawMapNow() {
   const map = $("#plot-map");
-  return drawMap(map, state.results, { colorBy: state.colorBy, showRef: state.showRef }).then(() => {
+  $("#map-title").textContent = state.mapView === "user" ? "Your cells" : "Atlas projection";
+  $("#show-ref-wrap").hidden = state.mapView === "user";
+  mapStatus();
+  return drawMap(map, state.results, { colorBy: state.colorBy, showRef: state.showRef, view: state.mapView }).then(() => {
     if (map.dataset.bound) return;
     map.dataset.bound = "true";
     // the map card grows with the inspector/labels column: keep the plot filling it
@@ -70,7 +130,7 @@ function renderLabelTable() {
     const w = (x) => `${(100 * x / row.n).toFixed(1)}%`;
     const bands = `${fmt(row.confident)} confident, ${fmt(row.review)} review, ${fmt(row.low)} low`;
     return `<tr>
-      <th scope="row"><span class="label-name"><span class="swatch" style="background:${labelColor(k)}"></span>${esc(row.label)}</span>
+      <th scope="row"><span class="label-name"><span class="swatch" style="background:${labelColor(k, row.label)}"></span>${esc(row.label)}</span>
         <div class="stackbar" title="${bands}" role="img" aria-label="${bands}">
           <span style="width:${w(row.confident)};background:var(--confident)"></span><span style="width:${w(row.review)};background:var(--review)"></span><span style="width:${w(row.low)};background:var(--low)"></span></div>
         ${row.relabelled ? `<span class="relabelled-tag">${fmt(row.relabelled)} relabelled</span>` : ""}</th>
@@ -138,19 +198,25 @@ async function doDownload(kind, btn) {
 }
 
 // ------------------------------------------------------------------ wiring
-export function bindResults() {
-  document.querySelectorAll(".segmented button").forEach((b) => b.addEventListener("click", () => {
-    document.querySelectorAll(".segmented button").forEach((x) => x.setAttribute("aria-checked", String(x === b)));
-    state.colorBy = b.dataset.color;
+function bindSegmented(root, onPick) {
+  const bs = [...root.querySelectorAll("button")];
+  bs.forEach((b) => b.addEventListener("click", () => {
+    bs.forEach((x) => x.setAttribute("aria-checked", String(x === b)));
+    onPick(b);
     drawMapNow();
   }));
-  $(".segmented").addEventListener("keydown", (e) => {
+  root.addEventListener("keydown", (e) => {
     if (!["ArrowLeft", "ArrowRight"].includes(e.key)) return;
-    const bs = [...document.querySelectorAll(".segmented button")];
     const i = bs.findIndex((x) => x.getAttribute("aria-checked") === "true");
     const next = bs[(i + (e.key === "ArrowRight" ? 1 : bs.length - 1)) % bs.length];
     next.click(); next.focus();
   });
+}
+
+export function bindResults() {
+  bindSegmented($("#color-by"), (b) => { state.colorBy = b.dataset.color; });
+  bindSegmented($("#map-view"), (b) => { state.mapView = b.dataset.view; });
+  $("#compare-column").addEventListener("change", (e) => { state.compareColumn = e.target.value; renderCompare(); });
   $("#show-ref").addEventListener("change", (e) => { state.showRef = e.target.checked; drawMapNow(); });
   const map = $("#plot-map");
   $("#relabel-selection").addEventListener("click", () => openRelabelDialog({

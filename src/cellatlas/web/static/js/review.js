@@ -37,6 +37,7 @@ export function renderInspector(el, cell) {
   el.innerHTML = `<div class="cell-card" data-index="${cell.index}">
     <div class="cell-title"><span class="cell-label">${esc(cell.label)}</span>${confBar(cell.confidence, cell.band)}</div>
     ${cell.relabelled ? `<span class="cell-orig">Relabelled by you · engine called it <b>${esc(cell.original_label)}</b></span>` : ""}
+    ${cell.reason ? `<span class="cell-orig cell-unassigned">Not called: ${esc(cell.reason)}</span>` : ""}
     <dl class="kv">
       <dt>Cell</dt><dd><code>${esc(cell.cell_id)}</code> (#${cell.index})</dd>
       <dt>Neighbours say</dt><dd>${esc(ev.knn_label)} (${(ev.knn_prob * 100).toFixed(0)}% of vote)</dd>

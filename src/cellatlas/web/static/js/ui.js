@@ -6,7 +6,7 @@ export const $ = (sel) => document.querySelector(sel);
 export const SESSION_KEY = "cellatlas.session";
 export const state = {
   config: null, session: null, results: null, inspected: null, selection: [],
-  colorBy: "label", showRef: true, review: { band: "uncertain", label: "", offset: 0, limit: 10, total: 0 },
+  colorBy: "label", showRef: true, mapView: "user", compareColumn: null, review: { band: "uncertain", label: "", offset: 0, limit: 10, total: 0 },
 };
 export const fmt = (n) => Number(n).toLocaleString("en-US");
 export const pct = (x) => `${(100 * x).toFixed(x > 0 && x < 0.01 ? 1 : 0)}%`;
