@@ -29,8 +29,6 @@ from typing import Any, Sequence
 
 import numpy as np
 import scipy.sparse as sp
-from scipy.signal import fftconvolve
-from scipy.stats import rankdata
 
 from cellatlas.errors import CellAtlasError, GeneListMismatchError
 from cellatlas.io_values import sample_rows, to_counts_like
@@ -140,6 +138,8 @@ def _scan(rq: np.ndarray, rp: np.ndarray, max_shift: int) -> dict[Any, float]:
     b = np.where(known, (np.nan_to_num(rp) - np.nanmean(rp)) / G, 0.0)
     m = known.astype(float)
 
+    from scipy.signal import fftconvolve  # ~1 s to import: loaded with the first check, not with `import cellatlas`
+
     def xcorr(x, y):  # c[s + G - 1] = sum_j x[j] * y[j + s], s = -(G-1)..G-1
         return fftconvolve(y, x[::-1], mode="full")
 
@@ -242,6 +242,8 @@ def check_gene_list(
     if n_cells < MIN_CELLS or known.sum() < MIN_KNOWN_GENES:
         what = f"{n_cells} non-empty cells" if n_cells < MIN_CELLS else f"{int(known.sum())} genes with a known typical expression"
         return GeneCheck("unchecked", message=f"gene-list check not run: only {what} (needs {MIN_CELLS} cells and {MIN_KNOWN_GENES} genes).", **base)
+    from scipy.stats import rankdata
+
     rq = rankdata(q)
     rp = np.full(len(p), np.nan)
     rp[known] = rankdata(p[known])
