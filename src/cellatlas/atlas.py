@@ -22,7 +22,6 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
-import httpx
 import numpy as np
 import pandas as pd
 import scipy.sparse as sp
@@ -334,6 +333,8 @@ def registry_entries(registry: str | Path | None = None) -> list[dict[str, Any]]
     src = registry or os.environ.get("CELLATLAS_ATLAS_REGISTRY") or REGISTRY_FILE
     src = str(src)
     if src.startswith(("http://", "https://")):
+        import httpx  # only for downloads: not loaded with `import cellatlas`
+
         r = httpx.get(src, timeout=30, follow_redirects=True)
         r.raise_for_status()
         data = r.json()
@@ -367,6 +368,8 @@ def download_atlas(
     h = hashlib.sha256()
     fd, tmp = tempfile.mkstemp(dir=dest_dir, suffix=".part")
     try:
+        import httpx
+
         with os.fdopen(fd, "wb") as fh, httpx.stream("GET", e["url"], timeout=60, follow_redirects=True) as r:
             r.raise_for_status()
             for chunk in r.iter_bytes(1 << 20):

@@ -162,16 +162,26 @@ def _int_array(values: Any, field: str) -> np.ndarray:
 
 
 # --------------------------------------------------------------------------- values
+def sample_index(n: int, n_rows: int = _DETECT_ROWS) -> np.ndarray:
+    """The rows (increasing) that value detection reads of an ``n``-row matrix: up to 2000, evenly spread.
+
+    A dataset read in blocks is judged on these same rows, so it is converted as the
+    whole matrix in memory would be.
+    """
+    return np.unique(np.linspace(0, n - 1, min(n, n_rows)).astype(np.int64))
+
+
 def sample_rows(X: Any, n_rows: int = _DETECT_ROWS) -> sp.csr_matrix:
     """Up to ``n_rows`` rows spread evenly over ``X`` (deterministic), as float32 CSR; NaN/inf read as 0."""
     X = as_matrix_like(X)
     if len(X.shape) != 2 or X.shape[0] == 0 or np.dtype(X.dtype).kind not in "biuf":
         return sp.csr_matrix((0, 0), dtype=np.float32)
-    n = X.shape[0]
-    idx = np.unique(np.linspace(0, n - 1, min(n, n_rows)).astype(np.int64))
+    idx = sample_index(X.shape[0], n_rows)
     if sp.issparse(X) and X.format not in ("csr", "csc"):
         X = sp.csr_matrix(X)
     sub = X[idx]
+    if hasattr(sub, "compute"):  # a dask array: read just these rows
+        sub = sub.compute()
     sub = sp.csr_matrix(sub if sp.issparse(sub) else np.asarray(sub, dtype=np.float32), dtype=np.float32, copy=True)
     sub.data[~np.isfinite(sub.data)] = 0  # validate_matrix rejects these; here they are ignored
     sub.eliminate_zeros()
