@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV   ?= .venv
 BIN     = $(VENV)/bin
 
-.PHONY: demo test setup setup-test system-deps bench
+.PHONY: demo test setup setup-test system-deps bench audit reliability
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -34,3 +34,16 @@ bench: setup-test
 	$(BIN)/pip install -q -e '.[bench]'
 	$(BIN)/python benchmarks/accuracy.py
 	$(BIN)/python benchmarks/throughput.py
+
+# Known-vulnerability audit of the installed dependency set (pip-audit on PyPI's vulnerability data,
+# plus offline OSV matching with ADVISORIES=path/to/pypa-advisory-database). A script step, not part
+# of `make test`: PyPI's per-release JSON API that pip-audit needs is not reachable on these machines
+# (docs/reliability.md).
+audit: setup-test
+	$(BIN)/pip install -q -e '.[audit]'
+	$(BIN)/python scripts/audit_deps.py $(if $(ADVISORIES),--advisories $(ADVISORIES))
+
+# Hostile-input, load and SIGKILL reliability of the HTTP service (loopback, ~15 min; docs/reliability.md).
+reliability: setup-test system-deps
+	@if [ -s .postgres_url ]; then export CELLATLAS_TEST_POSTGRES_URL="$$(tail -n 1 .postgres_url)"; fi; \
+	$(BIN)/python benchmarks/reliability.py

@@ -7,6 +7,10 @@ from pathlib import Path
 
 import pytest
 
+# The workspace's warm-up thread annotates and lays out cells in the background; in a test session it
+# outlives the test that loaded the page and races the next test's warnings filters.
+os.environ.setdefault("CELLATLAS_WORKSPACE_WARM_UP", "0")
+
 SHARED = Path(os.environ.get("CELLATLAS_SHARED_DATA", Path(__file__).resolve().parents[1].parent / "shared" / "data"))
 
 

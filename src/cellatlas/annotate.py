@@ -12,19 +12,21 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from functools import lru_cache
 from importlib.metadata import version as _pkg_version
-from typing import Any, Callable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import numpy as np
 
 from cellatlas.atlas import DEFAULT_ATLAS, Atlas, load_atlas
 from cellatlas.config import get_settings
-from cellatlas.query import Query, prepare_query
+from cellatlas.errors import InputError, ModelUnavailableError
+from cellatlas.io import choose_matrix
+from cellatlas.query import GeneSpace, Query, _is_anndata, column_plan, prepare_query
 from cellatlas.result import AnnotationResult
 from cellatlas.sparse import row_block
-from cellatlas.encoders import model_status
-from cellatlas.errors import ModelUnavailableError
 from cellatlas.io_qc import UNASSIGNED, doublet_scores, unassigned_reasons
-from cellatlas.runtime import AtlasRuntime, check_atlas_coverage
+
+if TYPE_CHECKING:  # the runtime imports faiss: loaded on first use, not with ``import cellatlas``
+    from cellatlas.runtime import AtlasRuntime
 
 DEFAULT_MODEL = "default"
 
@@ -39,6 +41,8 @@ def code_version() -> str:
 
 @lru_cache(maxsize=16)
 def _runtime_cached(atlas_key: str, model: str, genes: tuple[str, ...], model_path: str | None) -> AtlasRuntime:
+    from cellatlas.runtime import AtlasRuntime
+
     return AtlasRuntime(load_atlas(atlas_key), model, list(genes), model_path=model_path)
 
 
@@ -46,7 +50,92 @@ def get_runtime(atlas: Atlas, model: str, genes: Sequence[str], model_path=None)
     """A cached runtime for files on disk; a fresh one for in-memory atlases."""
     if atlas.path is not None:
         return _runtime_cached(str(atlas.path), model, tuple(genes), str(model_path) if model_path else None)
+    from cellatlas.runtime import AtlasRuntime
+
     return AtlasRuntime(atlas, model, genes, model_path=model_path)
+
+
+class Annotator:
+    """What every chunk of one dataset shares: atlas, model check, runtime and column plan.
+
+    Built once per dataset (per worker on a Dask cluster); :meth:`score` annotates one
+    :class:`~cellatlas.query.Query` over the same columns. In-memory, streamed and Dask
+    annotation all go through it.
+
+    Parameters
+    ----------
+    columns
+        A :class:`~cellatlas.query.GeneSpace` or :class:`~cellatlas.query.Query`
+        (anything with ``genes``, ``colmap`` and ``mapping``).
+    runtime
+        An already built runtime for these genes (Dask workers cache theirs).
+    """
+
+    def __init__(self, columns: GeneSpace | Query, *, model: str = DEFAULT_MODEL, atlas: str | Atlas = DEFAULT_ATLAS,
+                 model_path=None, runtime: AtlasRuntime | None = None):
+        t0 = time.perf_counter()
+        self.model, self.model_path = (model or DEFAULT_MODEL).lower(), model_path
+        self.atlas = load_atlas(atlas)
+        _check_model(self.model, model_path)
+        if self.model == DEFAULT_MODEL and columns.mapping is not None:
+            from cellatlas.runtime import check_atlas_coverage
+
+            # Names the likely cause (barcodes as genes, unmapped ids, wrong species, ...).
+            check_atlas_coverage(columns.mapping, self.atlas)
+        self.rt = runtime or get_runtime(self.atlas, self.model, list(columns.genes), model_path)
+        self.plan = column_plan(columns.colmap, len(columns.genes), self.rt.q_cols)
+        self.setup_seconds = time.perf_counter() - t0
+
+    def score(self, query: Query, *, chunk_size: int | None = None, threads: int | None = None,
+              progress: Callable[[int], None] | None = None) -> AnnotationResult:
+        """Calls for every cell of ``query``, in order (no provenance; see :meth:`provenance`).
+
+        Chunks of ``chunk_size`` cells (default ``Settings.chunk_size``) are independent
+        (results do not depend on the chunking) and the heavy steps (sparse selection,
+        ranks, faiss, matrix products) release the GIL, so they are scored in ``threads``
+        threads (default ``Settings.threads``). Foundation models run serially (torch
+        threads on its own, and device memory is per call). ``progress(cells)`` is called
+        after each chunk with the number of cells it held.
+        """
+        rt = self.rt
+        if threads is None:
+            threads = get_settings().resolved_threads if self.model == DEFAULT_MODEL else 1
+        chunks = chunk_slices(query.n_cells, chunk_size or get_settings().chunk_size, threads)
+        if len(chunks) == 1 or threads <= 1:
+            parts = []
+            for rows in chunks:
+                parts.append(_annotate_chunk(rt, query, self.plan, rows))
+                if progress:
+                    progress(len(parts[-1]))
+            return AnnotationResult.concat(parts)
+        parts = []
+        with ThreadPoolExecutor(max_workers=min(threads, len(chunks))) as pool:
+            for part in pool.map(lambda rows: _annotate_chunk(rt, query, self.plan, rows), chunks):
+                parts.append(part)
+                if progress:
+                    progress(len(part))
+        return AnnotationResult.concat(parts)
+
+    def provenance(self, n_cells: int, seconds: float, *, cluster_vote: bool = False, changed: int | None = None,
+                   unassigned: dict[str, Any] | None = None, doublets: dict[str, Any] | None = None) -> dict[str, Any]:
+        """The provenance record of a run over ``n_cells`` cells that took ``seconds``."""
+        at = self.atlas
+        return {
+            "code_version": code_version(),
+            "model": self.model,
+            "model_fingerprint": self.rt.encoder.fingerprint(),
+            "atlas": at.name,
+            "atlas_version": at.version,
+            "atlas_sha256": at.sha256,
+            "n_cells": int(n_cells),
+            "seconds": round(seconds, 4),
+            "setup_seconds": round(self.setup_seconds, 4),
+            "cluster_vote": bool(cluster_vote),
+            "cluster_vote_changed": changed,
+            "unassigned": unassigned or {"n_cells": 0, "reasons": {}},
+            "doublets": doublets or {"computed": False, "note": None},
+            "bands": {"confident": 0.7, "review": 0.4},
+        }
 
 
 def annotate_query(
@@ -62,28 +151,15 @@ def annotate_query(
 ) -> AnnotationResult:
     """Annotate an already prepared :class:`~cellatlas.query.Query`."""
     t0 = time.perf_counter()
-    model = (model or DEFAULT_MODEL).lower()
-    at = load_atlas(atlas)
-    _check_model(model, model_path)
-    if model == DEFAULT_MODEL and query.mapping is not None:
-        # Names the likely cause (barcodes as genes, unmapped ids, wrong species, ...).
-        check_atlas_coverage(query.mapping, at)  # names the likely cause of a mismatch
-    rt = get_runtime(at, model, query.genes, model_path)
-    t_setup = time.perf_counter() - t0
+    engine = Annotator(query, model=model, atlas=atlas, model_path=model_path)
     n = query.n_cells
-    plan = query.plan(rt.q_cols)
-    # Chunks are independent (results do not depend on the chunking) and the heavy steps
-    # (sparse selection, ranks, faiss, matrix products) release the GIL: score them in threads.
-    # Foundation models run serially (torch threads on its own, and device memory is per call).
-    threads = get_settings().resolved_threads if model == DEFAULT_MODEL else 1
-    chunks = chunk_slices(n, chunk_size or get_settings().chunk_size, threads)
-    parts: list[AnnotationResult] = []
-    with ThreadPoolExecutor(max_workers=max(1, min(threads, len(chunks)))) as pool:
-        for part in pool.map(lambda rows: _annotate_chunk(rt, query, plan, rows), chunks):
-            parts.append(part)
-            if progress:
-                progress(sum(len(p) for p in parts), n)
-    res = AnnotationResult.concat(parts)
+    done = [0]
+
+    def step(cells: int) -> None:
+        done[0] += cells
+        progress(done[0], n)
+
+    res = engine.score(query, chunk_size=chunk_size, progress=step if progress else None)
     changed = None
     if cluster_vote:
         from cellatlas.voting import majority_vote
@@ -93,23 +169,9 @@ def annotate_query(
     doublet_note = None
     if doublets:
         res.doublet_score, doublet_note = doublet_scores(query.raw)
-    res.gene_report = {**query.report, **rt.report}
-    res.provenance = {
-        "code_version": code_version(),
-        "model": model,
-        "model_fingerprint": rt.encoder.fingerprint(),
-        "atlas": at.name,
-        "atlas_version": at.version,
-        "atlas_sha256": at.sha256,
-        "n_cells": n,
-        "seconds": round(time.perf_counter() - t0, 4),
-        "setup_seconds": round(t_setup, 4),
-        "cluster_vote": bool(cluster_vote),
-        "cluster_vote_changed": changed,
-        "unassigned": unassigned,
-        "doublets": {"computed": bool(doublets), "note": doublet_note},
-        "bands": {"confident": 0.7, "review": 0.4},
-    }
+    res.gene_report = {**query.report, **engine.rt.report}
+    res.provenance = engine.provenance(n, time.perf_counter() - t0, cluster_vote=cluster_vote, changed=changed,
+                                       unassigned=unassigned, doublets={"computed": bool(doublets), "note": doublet_note})
     return res
 
 
@@ -122,8 +184,20 @@ def chunk_slices(n: int, size: int, threads: int = 1) -> list[slice]:
     return [slice(int(a), int(b)) for a, b in zip(bounds[:-1], bounds[1:]) if b > a]
 
 
+def block_size(chunk_size: int | None = None) -> int:
+    """Cells read at once from a file or taken as one Dask block: one chunk per engine thread.
+
+    ``Settings.chunk_size`` stays the one setting: a block of ``chunk_size * threads`` cells
+    is split back into ``threads`` chunks by :meth:`Annotator.score`.
+    """
+    s = get_settings()
+    return int(chunk_size or s.chunk_size) * s.resolved_threads
+
+
 def _check_model(model: str, model_path) -> None:
     """Unknown name -> 404; known but not runnable here -> 409 with how to install it."""
+    from cellatlas.encoders import model_status
+
     status = model_status(model, model_path=model_path)  # raises UnknownModelError
     if not status["usable"]:
         raise ModelUnavailableError(
@@ -222,6 +296,7 @@ def annotate(
     skip_gene_check: bool = False,
     doublets: bool = False,
     progress: Callable[[int, int], None] | None = None,
+    scheduler=None,
 ) -> AnnotationResult:
     """Annotate cells zero-shot against a reference atlas.
 
@@ -230,6 +305,9 @@ def annotate(
     X
         Counts, cells x genes: scipy sparse, dense numpy or AnnData (``X``, ``.raw`` or
         ``layer``). Log-normalised input is detected and handled; scaled input is refused.
+        A matrix read on demand (backed AnnData, h5py/zarr array, dask array) is read,
+        checked and scored block by block (:mod:`cellatlas.stream`); a dask array runs on
+        the active ``dask.distributed`` client, if any.
     genes
         Column identifiers: HGNC symbols or Ensembl ids (human), or mouse symbols/ids
         (mapped through orthologs). Taken from ``var_names`` for AnnData.
@@ -249,6 +327,9 @@ def annotate(
         Add scrublet doublet scores (``doublet_score``; 3-6 ms a cell, off by default).
     progress
         Callback ``(done, total)`` after every chunk.
+    scheduler
+        A ``dask.distributed`` scheduler address or ``Client`` to score a dask array's
+        blocks on (the atlas is sent to each worker once).
 
     Returns
     -------
@@ -265,7 +346,25 @@ def annotate(
         The gene list does not belong to the matrix columns (shifted, reversed, shuffled,
         from another dataset); the message names the likely cause and the fix.
     """
-    query = prepare_query(X, genes, cell_ids, layer=layer, use_raw=use_raw, species=species, skip_gene_check=skip_gene_check)
+    source = "matrix"
+    if _is_anndata(X):
+        adata = X
+        X, var_genes, source = choose_matrix(adata, layer=layer, use_raw=use_raw)
+        genes = var_genes if genes is None else genes
+        cell_ids = adata.obs_names if cell_ids is None else cell_ids
+    from cellatlas.stream import is_lazy
+
+    if is_lazy(X):
+        whole = [name for name, on in (("cluster_vote", cluster_vote), ("doublets", doublets)) if on]
+        if whole:
+            raise InputError(f"{whole[0]} needs every cell in memory; it is not available for a matrix read in blocks",
+                             field=whole[0], fix=f"Load the matrix into memory (adata.to_memory()) or leave out {whole[0]}.")
+        from cellatlas.stream import annotate_lazy
+
+        return annotate_lazy(X, genes, cell_ids, source=source, species=species, scheduler=scheduler, chunk_size=chunk_size,
+                             progress=progress, model=model, atlas=atlas, model_path=model_path, skip_gene_check=skip_gene_check)
+    query = prepare_query(X, genes, cell_ids, species=species, skip_gene_check=skip_gene_check)
+    query.report["matrix_source"] = source
     return annotate_query(
         query, model=model, atlas=atlas, model_path=model_path, chunk_size=chunk_size, cluster_vote=cluster_vote,
         doublets=doublets, progress=progress,
@@ -327,4 +426,4 @@ def embed(
     return np.concatenate(embs), np.concatenate(lays), {**query.report, **rt.report}
 
 
-__all__ = ["annotate", "annotate_adata", "annotate_query", "embed"]
+__all__ = ["Annotator", "annotate", "annotate_adata", "annotate_query", "embed"]

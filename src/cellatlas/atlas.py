@@ -22,7 +22,6 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
-import httpx
 import numpy as np
 import pandas as pd
 import scipy.sparse as sp
@@ -252,24 +251,41 @@ def _installed(settings: Settings) -> dict[str, Path]:
     return found
 
 
-def resolve_atlas_path(name_or_path: str | Path, settings: Settings | None = None) -> Path:
-    """Path of an installed atlas by name/alias, or an explicit file path."""
+def resolve_atlas_path(name_or_path: str | Path, settings: Settings | None = None, *, allow_paths: bool = True) -> Path:
+    """Path of an installed atlas by name/alias, or (``allow_paths``) an explicit file path.
+
+    Installed names win over same-named files. With ``allow_paths=False`` (the HTTP doors) only
+    installed names, aliases and the exact paths of installed files resolve, and the given string
+    never touches the filesystem, so a missing file and a forbidden path read the same.
+    """
     settings = settings or get_settings()
-    p = Path(str(name_or_path)).expanduser()
-    if p.suffix == ".npz" or p.exists():
-        if not p.exists():
-            raise UnknownAtlasError(f"Atlas file {p} does not exist.", fix="Check the path.", field="atlas")
-        return p
     key = ALIASES.get(str(name_or_path), str(name_or_path))
     installed = _installed(settings)
-    if key not in installed:
-        raise UnknownAtlasError(
-            f"Unknown atlas '{name_or_path}'. Installed: {', '.join(sorted(installed)) or 'none'}.",
-            fix="Pick one of the installed atlases (GET /v1/atlases or `cellatlas atlas list`), build one with "
-            "`cellatlas atlas build`, or download one with `cellatlas atlas download NAME`.",
-            field="reference_atlas",
-        )
-    return installed[key]
+    if key in installed:
+        return installed[key]
+    exact = next((p for p in installed.values() if str(name_or_path) in (str(p), str(p.absolute()))), None)
+    if exact is not None:
+        return exact
+    if allow_paths:
+        p = Path(str(name_or_path)).expanduser()
+        if p.suffix == ".npz" or _exists(p):
+            if not _exists(p):
+                raise UnknownAtlasError(f"Atlas file {p} does not exist.", fix="Check the path.", field="atlas")
+            return p
+    shown = str(name_or_path) if len(str(name_or_path)) <= 100 else str(name_or_path)[:100] + "..."
+    raise UnknownAtlasError(
+        f"Unknown atlas '{shown}'. Installed: {', '.join(sorted(installed)) or 'none'}.",
+        fix="Pick one of the installed atlases (GET /v1/atlases or `cellatlas atlas list`), build one with "
+        "`cellatlas atlas build`, or download one with `cellatlas atlas download NAME`.",
+        field="reference_atlas",
+    )
+
+
+def _exists(p: Path) -> bool:
+    try:
+        return p.exists()
+    except OSError:  # e.g. a name too long for the filesystem
+        return False
 
 
 @lru_cache(maxsize=8)
@@ -277,11 +293,16 @@ def _load_cached(path: str, mtime: float) -> Atlas:
     return read_atlas(path)
 
 
-def load_atlas(name_or_path: str | Path | Atlas = DEFAULT_ATLAS, settings: Settings | None = None) -> Atlas:
-    """Load an atlas by name (``human-core``; alias ``human-core-2026``) or path; cached per file."""
+def load_atlas(
+    name_or_path: str | Path | Atlas = DEFAULT_ATLAS, settings: Settings | None = None, *, allow_paths: bool = True
+) -> Atlas:
+    """Load an atlas by name (``human-core``; alias ``human-core-2026``) or path; cached per file.
+
+    ``allow_paths=False`` accepts installed names only (see :func:`resolve_atlas_path`).
+    """
     if isinstance(name_or_path, Atlas):
         return name_or_path
-    p = resolve_atlas_path(name_or_path, settings)
+    p = resolve_atlas_path(name_or_path, settings, allow_paths=allow_paths)
     return _load_cached(str(p.resolve()), p.stat().st_mtime)
 
 
@@ -312,6 +333,8 @@ def registry_entries(registry: str | Path | None = None) -> list[dict[str, Any]]
     src = registry or os.environ.get("CELLATLAS_ATLAS_REGISTRY") or REGISTRY_FILE
     src = str(src)
     if src.startswith(("http://", "https://")):
+        import httpx  # only for downloads: not loaded with `import cellatlas`
+
         r = httpx.get(src, timeout=30, follow_redirects=True)
         r.raise_for_status()
         data = r.json()
@@ -345,6 +368,8 @@ def download_atlas(
     h = hashlib.sha256()
     fd, tmp = tempfile.mkstemp(dir=dest_dir, suffix=".part")
     try:
+        import httpx
+
         with os.fdopen(fd, "wb") as fh, httpx.stream("GET", e["url"], timeout=60, follow_redirects=True) as r:
             r.raise_for_status()
             for chunk in r.iter_bytes(1 << 20):

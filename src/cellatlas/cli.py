@@ -70,54 +70,81 @@ def _progress_runner(total_hint: str):
 @app.command()
 @friendly
 def annotate(
-    input: Path = typer.Argument(..., help=".h5ad, 10x .h5, .mtx(.gz) directory or .zip, or .csv (cells x genes)."),
-    output: Optional[Path] = typer.Option(None, "-o", "--output", help="Write the annotated .h5ad here."),
-    csv: Optional[Path] = typer.Option(None, "--csv", help="Write the per-cell calls as CSV here."),
+    input: Path = typer.Argument(..., help=".h5ad, AnnData .zarr, 10x .h5 (read in chunks), .mtx(.gz) directory or .zip, or .csv (cells x genes)."),
+    output: Optional[Path] = typer.Option(None, "-o", "--output", help="Write the annotated .h5ad here (X and other matrices of an .h5ad input are linked, not rewritten)."),
+    csv: Optional[Path] = typer.Option(None, "--csv", help="Write the per-cell calls as CSV (.csv, .csv.gz) here."),
+    parquet: Optional[Path] = typer.Option(None, "--parquet", help="Write the per-cell calls as Parquet here."),
+    in_place: bool = typer.Option(False, "--in-place", help="Write the annotations into the input .h5ad itself."),
+    copy_x: bool = typer.Option(False, "--copy-x", help="Make the output .h5ad self-contained: copy X and the other matrices."),
     model: str = typer.Option("default", help="default, geneformer or scgpt."),
     atlas: str = typer.Option("human-core", help="Atlas name or path."),
     model_path: Optional[Path] = typer.Option(None, help="Checkpoint directory for a foundation model."),
     layer: Optional[str] = typer.Option(None, help="AnnData layer holding counts."),
     use_raw: Optional[bool] = typer.Option(None, "--use-raw/--no-use-raw", help="Read adata.raw (default: decide from the data)."),
     species: Optional[str] = typer.Option(None, help="Force human or mouse (default: detected)."),
-    cluster_vote: bool = typer.Option(False, help="Smooth calls by majority vote within over-clusters."),
+    cluster_vote: bool = typer.Option(False, help="Smooth calls by majority vote within over-clusters (reads the whole dataset into memory)."),
     skip_gene_check: bool = typer.Option(
         False, "--skip-gene-check",
         help="Do not check that the gene names belong to the matrix columns (targeted panels, sorted populations "
         "without housekeeping genes); nothing then catches a shifted, reversed or foreign gene list.",
     ),
-    doublets: bool = typer.Option(False, "--doublets", help="Add scrublet doublet scores (slow: 3-6 ms a cell)."),
+    doublets: bool = typer.Option(False, "--doublets", help="Add scrublet doublet scores (slow: 3-6 ms a cell; reads the whole dataset into memory)."),
     key_added: str = typer.Option(
         "cell_type", "--key-added",
         help="obs column for the calls and prefix of the others (_confidence, _band, ...). An existing column "
         "cellatlas did not write (e.g. the authors' cell_type) is kept as <name>_uploaded.",
     ),
+    scheduler: Optional[str] = typer.Option(None, "--scheduler", help="Score on a Dask cluster: scheduler address, e.g. tcp://host:8786 (the input must be on storage the workers share)."),
+    chunk_size: Optional[int] = typer.Option(None, "--chunk-size", min=1, help="Cells per engine chunk (default CELLATLAS_CHUNK_SIZE, 8192)."),
 ):
-    """Annotate a dataset and print a summary table."""
-    import cellatlas
-    from cellatlas.io import read
+    """Annotate a dataset chunk by chunk, write the outputs as it goes, and print a summary table."""
+    from cellatlas.stream import annotate_file
 
-    adata = read(input)
-    with _progress_runner("cells") as prog:
-        task = prog.add_task("annotating", total=adata.n_obs)
-        res = cellatlas.annotate(
-            adata, layer=layer, use_raw=use_raw, model=model, atlas=atlas, model_path=model_path, species=species,
-            cluster_vote=cluster_vote, skip_gene_check=skip_gene_check, doublets=doublets,
-            progress=lambda done, total: prog.update(task, completed=done),
-        )
-    moved = res.write_adata(adata, key_added=key_added)  # the same rule as cellatlas.annotate_adata
-    out.print(_summary_table(res, f"{input.name}: {adata.n_obs} cells, {res.provenance['seconds']:.2f} s"))
+    if cluster_vote or doublets:
+        res, n, moved = _annotate_in_memory(input, output, in_place, copy_x, csv, parquet, key_added, layer=layer, use_raw=use_raw,
+                                            model=model, atlas=atlas, model_path=model_path, species=species,
+                                            cluster_vote=cluster_vote, doublets=doublets, skip_gene_check=skip_gene_check)
+    else:
+        with _progress_runner("cells") as prog:
+            task = prog.add_task("annotating", total=None)
+            res = annotate_file(
+                input, output=output, calls=[p for p in (csv, parquet) if p is not None], in_place=in_place, copy_x=copy_x,
+                key_added=key_added, layer=layer, use_raw=use_raw, model=model, atlas=atlas, model_path=model_path,
+                species=species, skip_gene_check=skip_gene_check, scheduler=scheduler, chunk_size=chunk_size,
+                progress=lambda done, total: prog.update(task, completed=done, total=total),
+            )
+        n, moved = len(res), res.moved_columns
+    out.print(_summary_table(res, f"{input.name}: {n} cells, {res.provenance['seconds']:.2f} s"))
     gr = res.gene_report
     out.print(f"genes: {gr.get('id_type')} ({gr.get('species')}), {gr.get('n_genes_used')}/{gr.get('n_genes_input')} used, "
               f"atlas panel coverage {gr.get('panel_coverage', float('nan')):.0%}")
     _print_input_notes(res)
     for old, new in moved.items():
         out.print(f"kept the file's obs['{old}'] as obs['{new}'] (the calls are in obs['{key_added}'])", highlight=False)
+    for path in (output if output else (input if in_place else None), csv, parquet):
+        if path:
+            out.print(f"wrote {path}")
+
+
+def _annotate_in_memory(input, output, in_place, copy_x, csv, parquet, key_added, **kw):
+    """--cluster-vote / --doublets: the whole dataset in memory (both look at every cell at once)."""
+    import cellatlas
+    from cellatlas.errors import InputError
+    from cellatlas.io import read
+
+    if in_place or copy_x:
+        raise InputError("--cluster-vote and --doublets write a new file only", field="cluster_vote",
+                         fix="Use -o OUT.h5ad without --in-place/--copy-x.")
+    adata = read(input)
+    res = cellatlas.annotate(adata, **kw)
+    moved = res.write_adata(adata, key_added=key_added)  # the same rule as cellatlas.annotate_adata
     if output:
-        adata.write_h5ad(output, compression="gzip")
-        out.print(f"wrote {output}")
+        adata.write_h5ad(output)
     if csv:
         res.to_dataframe().to_csv(csv)
-        out.print(f"wrote {csv}")
+    if parquet:
+        res.to_dataframe().to_parquet(parquet)
+    return res, adata.n_obs, moved
 
 
 @app.command()

@@ -5,6 +5,7 @@ from __future__ import annotations
 from functools import lru_cache
 from pathlib import Path
 
+from pydantic import SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -27,6 +28,33 @@ class Settings(BaseSettings):
     """Chunks of one request scored in parallel threads (0: one per CPU, at most 8; 1: serial)."""
     max_cells_per_request: int = 100_000
     max_body_bytes: int = 2 * 1024**3
+    """Largest request body, as sent and again after decompression; also the cap on what one
+    decoded array or HDF5 dataset may declare."""
+    max_genes_per_request: int = 200_000
+    """Largest gene (column) count a request may declare."""
+    max_encoding_ratio: float = 20.0
+    """``Content-Encoding`` output bytes allowed per input byte (plus 1 MiB); real bodies are 3-7x."""
+    max_hdf5_ratio: float = 200.0
+    """Declared bytes of an uploaded HDF5 dataset allowed per stored byte (plus 1 MiB)."""
+    max_concurrent_decodes: int = 0
+    """Request bodies read and decoded at once across the server (0: max(2, CPUs)); more wait, then 429."""
+    decode_wait_seconds: float = 10.0
+    """How long a request waits for a decode slot before it is answered 429."""
+    upload_tmp_dir: Path | None = None
+    """Where decoded bodies spill to disk (default: ``home/tmp``); swept when the server starts."""
+    rate_limit_ip_per_s: float = 20.0
+    """Requests per second per client IP (token bucket refill; 0 disables)."""
+    rate_limit_ip_burst: int = 200
+    rate_limit_key_per_s: float = 10.0
+    """Authenticated requests per second per API key (0 disables)."""
+    rate_limit_key_burst: int = 60
+    rate_limit_auth_failures_per_s: float = 0.2
+    """Failed authentications per second per client IP, after the burst (0 disables)."""
+    rate_limit_auth_failures_burst: int = 20
+    api_key_secret: SecretStr | None = None
+    """Server-side secret for HMAC-SHA-256 key hashes (default: generated once in ``home/api_key_secret``)."""
+    workspace_sweep_seconds: float = 300.0
+    """How often expired workspace sessions are deleted in the background (0: only on upload)."""
     require_api_key: bool = True
     free_credits: int = 500
     cells_per_credit: int = 1000
@@ -36,6 +64,9 @@ class Settings(BaseSettings):
     has no embedding for it) runs on this model instead, and the response says so
     (``provenance.model_used`` / ``model_requested``, a ``warnings`` entry, ``X-Model-Used``).
     Empty: refuse with 409, as ``strict_models`` does."""
+    workspace_warm_up: bool = True
+    """Warm the engine (gene tables, atlas, UMAP compilation) in a background thread when the
+    workspace page first loads; off in the test suite, where such a thread would outlive its test."""
     strict_models: bool = False
     """Refuse (409 ``model_unavailable``) a request for a model that cannot run here instead of
     answering with ``fallback_model``."""
@@ -57,6 +88,16 @@ class Settings(BaseSettings):
     @property
     def resolved_models_dir(self) -> Path:
         return self.models_dir or self.home / "models"
+
+    @property
+    def resolved_upload_tmp_dir(self) -> Path:
+        return self.upload_tmp_dir or self.home / "tmp"
+
+    @property
+    def resolved_decode_slots(self) -> int:
+        import os
+
+        return int(self.max_concurrent_decodes) or max(2, os.cpu_count() or 1)
 
     @property
     def resolved_database_url(self) -> str:

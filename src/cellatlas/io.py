@@ -87,7 +87,7 @@ def iter_chunks(n: int, size: int | None = None) -> Iterator[slice]:
 
 
 # --------------------------------------------------------------------------- reading
-def read(path: str | Path, fmt: str | None = None) -> Any:
+def read(path: str | Path, fmt: str | None = None, *, untrusted: bool = False) -> Any:
     """Read a single-cell file into an AnnData (values as stored in the file).
 
     Parameters
@@ -103,6 +103,10 @@ def read(path: str | Path, fmt: str | None = None) -> Any:
         Force a format (``"h5ad"``, ``"10x_h5"``, ``"mtx"``, ``"zip"``, ``"csv"``,
         ``"tsv"``) when the file name carries no usable suffix (e.g. uploads).
         Without it the suffix decides, then the file's leading bytes.
+    untrusted
+        The file came from someone else (an upload): HDF5 files with links to other files,
+        external storage, virtual datasets or datasets declaring more than the data
+        justifies are refused before any reader opens them (:func:`cellatlas.io_h5ad.check_hdf5`).
 
     Returns
     -------
@@ -120,7 +124,7 @@ def read(path: str | Path, fmt: str | None = None) -> Any:
     """
     from cellatlas.io_readers import read_any
 
-    adata = read_any(Path(path), fmt)
+    adata = read_any(Path(path), fmt, untrusted)
     for note in adata.uns["cellatlas_io"].get("notes", []):
         warnings.warn(f"{Path(path).name}: {note}", UserWarning, stacklevel=2)
     return adata
@@ -313,8 +317,11 @@ def _check_cell_ids(cell_ids: Sequence[Any], n_cells: int) -> list[str]:
 
 
 def _check_values(X: sp.csr_matrix, genes: Sequence[str], cell_ids: Sequence[str] | None,
-                  row0: int, whole: bool) -> None:
-    """Raise on NaN/inf, then on negative values, naming the first offending cell and gene."""
+                  row0: int, whole: bool, offset: int = 0) -> None:
+    """Raise on NaN/inf, then on negative values, naming the first offending cell and gene.
+
+    ``row0``: row of ``X[0]`` in ``cell_ids``; ``offset``: row of ``cell_ids[0]`` in the whole dataset.
+    """
     data = X.data
     bad = ~np.isfinite(data)
     what, fix, extra = "NaN or infinite", "Replace missing values by 0, or drop those cells/genes.", ""
@@ -326,7 +333,8 @@ def _check_values(X: sp.csr_matrix, genes: Sequence[str], cell_ids: Sequence[str
         extra = f"; minimum {float(data[bad].min()):g}: the values look scaled/z-scored, not counts"
     first = int(np.flatnonzero(bad)[0])
     row = int(np.searchsorted(X.indptr, first, side="right") - 1) + row0
-    cell = cell_ids[row] if cell_ids is not None else f"row {row}"
+    cell = cell_ids[row] if cell_ids is not None else f"row {row + offset}"
+    row += offset
     count = str(int(bad.sum())) if whole else f"at least {int(bad.sum())}"
     raise InputError(
         f"matrix has {count} {what} values (first at cell {cell!r}, gene {genes[int(X.indices[first])]!r}){extra}",
@@ -342,7 +350,10 @@ def _canonical_csr(X: Any, owned: bool, canonical: bool = True) -> sp.csr_matrix
     return canonicalize(Y, copy=not owned) if canonical else Y
 
 
-def validate_matrix(X: Any, genes: Any, cell_ids: Sequence[str] | None = None, *, canonical: bool = True) -> sp.csr_matrix:
+def validate_matrix(
+    X: Any, genes: Any, cell_ids: Sequence[str] | None = None, *, canonical: bool = True, genes_valid: bool = False,
+    row0: int | None = None,
+) -> sp.csr_matrix:
     """Check a cells x genes matrix and return it as canonical float32 CSR.
 
     Parameters
@@ -358,6 +369,11 @@ def validate_matrix(X: Any, genes: Any, cell_ids: Sequence[str] | None = None, *
         Sort indices, sum duplicate entries and drop explicit zeros. ``False`` leaves
         that to the caller (e.g. :func:`cellatlas.sparse.remap_columns`, which does it
         while selecting columns); values are checked either way.
+    genes_valid
+        ``genes`` were already checked by :func:`validate_genes` (chunks of one dataset).
+    row0
+        ``X`` is one chunk of a larger dataset starting at this row: errors name rows of
+        the whole dataset, and an all-zero chunk is accepted (other chunks may hold counts).
 
     Returns
     -------
@@ -379,23 +395,27 @@ def validate_matrix(X: Any, genes: Any, cell_ids: Sequence[str] | None = None, *
     so only one chunk of rows is ever densified or cast to float32.
     """
     X = as_matrix_like(X)
-    names = validate_genes(genes)
+    names = list(genes) if genes_valid else validate_genes(genes)
     n_cells = _check_shape_and_dtype(X, len(names))
     if cell_ids is not None:
         cell_ids = _check_cell_ids(cell_ids, n_cells)
+    chunk = row0 is not None
     if sp.issparse(X):
         out = _canonical_csr(X, owned=False, canonical=canonical)
-        _check_values(out, names, cell_ids, 0, True)
+        _check_values(out, names, cell_ids, 0, not chunk, row0 or 0)
     else:
+        # Dense numpy is densified one chunk at a time; lazily read matrices (backed AnnData,
+        # h5py, dask) are annotated chunk by chunk by the engine (cellatlas.stream) and only
+        # reach this stacking when a whole in-memory CSR is asked for explicitly.
         parts = []
         for sl in iter_chunks(n_cells):
             block = X[sl]
             part = (_canonical_csr(block, owned=True) if sp.issparse(block)
                     else sp.csr_matrix(np.asarray(block, dtype=np.float32)))
-            _check_values(part, names, cell_ids, sl.start, sl.start == 0 and sl.stop == n_cells)
+            _check_values(part, names, cell_ids, sl.start, not chunk and sl.start == 0 and sl.stop == n_cells, row0 or 0)
             parts.append(part)
         out = parts[0] if len(parts) == 1 else sp.vstack(parts, format="csr")
-    if out.nnz == 0 or not out.data.any():
+    if not chunk and (out.nnz == 0 or not out.data.any()):
         raise InputError(f"matrix has no non-zero value ({n_cells} cells x {len(names)} genes)", field="matrix",
                          fix="Check that the matrix was filled with counts (not an empty or all-zero subset).")
     return out

@@ -46,7 +46,7 @@ _MAX_DEPTH = 4
 _HDF5_MAGIC = b"\x89HDF\r\n\x1a\n"
 
 
-def read_any(path: Path, fmt: str | None = None) -> Any:
+def read_any(path: Path, fmt: str | None = None, untrusted: bool = False) -> Any:
     """Read ``path`` in format ``fmt`` (detected when ``None``); see :func:`cellatlas.io.read`."""
     if not path.exists():
         raise InputError(f"no such file or directory: {path}", field="file",
@@ -55,10 +55,27 @@ def read_any(path: Path, fmt: str | None = None) -> Any:
     if fmt == "mtx":
         return _read_mtx_dir(path)
     if fmt == "zip":
-        return _read_zip(path)
+        return _read_zip(path, untrusted)
     if fmt in ("csv", "tsv", "txt"):
         return _read_table(path, fmt)
+    if untrusted:
+        _check_untrusted_hdf5(path)
     return _read_hdf5(path, fmt)
+
+
+def _check_untrusted_hdf5(path: Path) -> None:
+    """Refuse links to other files, external storage and bombs before any reader opens an upload."""
+    import h5py
+
+    from cellatlas.io_h5ad import check_hdf5
+
+    s = get_settings()
+    try:
+        f = h5py.File(path, "r")
+    except OSError as exc:
+        raise _fail(path, "an HDF5 file", exc) from exc
+    with f:
+        check_hdf5(f, file_size=path.stat().st_size, max_bytes=s.max_body_bytes, ratio=s.max_hdf5_ratio)
 
 
 def _normalise_fmt(fmt: str) -> str:
@@ -276,7 +293,7 @@ def _read_mtx_set(folder: Path, prefix: str, source: Path) -> Any:
 
 
 # --------------------------------------------------------------------------- zip
-def _read_zip(path: Path) -> Any:
+def _read_zip(path: Path, untrusted: bool = False) -> Any:
     limit = 4 * get_settings().max_body_bytes  # guards against zip bombs
     try:
         with zipfile.ZipFile(path) as zf:
@@ -287,7 +304,7 @@ def _read_zip(path: Path) -> Any:
                                  fix="Upload a smaller dataset, or a compressed .h5ad.")
             with tempfile.TemporaryDirectory(prefix="cellatlas-zip-") as tmp:
                 zf.extractall(tmp, members)  # ZipFile.extract sanitises absolute and '..' paths
-                adata = _read_unpacked(Path(tmp), path)
+                adata = _read_unpacked(Path(tmp), path, untrusted)
     except zipfile.BadZipFile as exc:
         raise _fail(path, "a .zip archive", exc) from exc
     adata.uns["cellatlas_io"]["format"] = "zip/" + adata.uns["cellatlas_io"]["format"]
@@ -295,13 +312,13 @@ def _read_zip(path: Path) -> Any:
     return adata
 
 
-def _read_unpacked(root: Path, source: Path) -> Any:
+def _read_unpacked(root: Path, source: Path, untrusted: bool = False) -> Any:
     if _find_mtx_sets(root):
         return _read_mtx_dir(root)
     files = sorted(p for p in root.rglob("*") if p.is_file() and not p.name.startswith("._") and (
         _TABLE_RE.search(p.name.lower()) or p.suffix.lower() in (".h5ad", ".h5", ".hdf5")))
     if len(files) == 1:
-        return read_any(files[0])
+        return read_any(files[0], untrusted=untrusted)
     listing = [str(p.relative_to(root)) for p in (files or sorted(root.rglob("*")))[:10]]
     raise InputError(f"{source.name} holds {'several' if files else 'no'} readable inputs: {listing}", field="file",
                      fix=f"Zip exactly one 10x matrix folder or one file. Supported inputs: {SUPPORTED}.")

@@ -27,6 +27,7 @@ _CSR_HOWTO = (
     "data=X.data.tolist(), shape=list(X.shape)."
 )
 _DETECT_ROWS = 2000
+_MAX_DIM = 2**62
 _LOG_MAX = 30.0
 
 
@@ -111,20 +112,27 @@ def _csr_fail(field: str, problem: str) -> None:
 
 
 def _check_csr_shape(shape: Any) -> tuple[int, int]:
+    """Two integers (Python or numpy; not bool, float or text) in [1, 2**62]."""
     try:
-        dims = list(shape)
-        ok = len(dims) == 2 and all(not isinstance(d, bool) and float(d) == int(d) for d in dims)
-    except (TypeError, ValueError, OverflowError):
+        dims = list(shape) if not isinstance(shape, (str, bytes, dict)) else None
+        ok = dims is not None and len(dims) == 2 and all(
+            isinstance(d, (int, np.integer)) and not isinstance(d, (bool, np.bool_)) for d in dims)
+    except TypeError:
         ok = False
     if not ok:
-        _csr_fail("matrix.shape", f"must be two integers [n_cells, n_genes], got {shape!r}")
+        shown = repr(shape)
+        _csr_fail("matrix.shape", f"must be two integers [n_cells, n_genes], got {shown[:80]}")
     n_rows, n_cols = int(dims[0]), int(dims[1])
     if n_rows < 1 or n_cols < 1:
         _csr_fail("matrix.shape", f"must be at least [1, 1], got [{n_rows}, {n_cols}]")
+    if max(n_rows, n_cols) > _MAX_DIM:
+        _csr_fail("matrix.shape", f"declares more than 2**62 rows or columns ({n_rows}, {n_cols})")
     return n_rows, n_cols
 
 
 def _numeric_array(values: Any, field: str) -> np.ndarray:
+    if isinstance(values, (list, tuple)) and bool in set(map(type, values)):
+        _csr_fail(field, "must hold only numbers (true/false are not numbers)")
     try:
         arr = np.asarray(values)
     except (ValueError, TypeError) as exc:
@@ -145,21 +153,35 @@ def _int_array(values: Any, field: str) -> np.ndarray:
     if arr.dtype.kind == "f":
         if not np.all(np.isfinite(arr)) or not np.array_equal(arr, np.floor(arr)):
             _csr_fail(field, "must hold whole numbers (integers)")
+        if np.abs(arr).max() > 2**53:
+            _csr_fail(field, "holds integers above 2**53 written as floats")
         arr = arr.astype(np.int64)
+    elif arr.dtype.kind == "u" and arr.max() > np.iinfo(np.int64).max:
+        _csr_fail(field, f"holds a value above 2**63 ({int(arr.max())})")
     return arr
 
 
 # --------------------------------------------------------------------------- values
+def sample_index(n: int, n_rows: int = _DETECT_ROWS) -> np.ndarray:
+    """The rows (increasing) that value detection reads of an ``n``-row matrix: up to 2000, evenly spread.
+
+    A dataset read in blocks is judged on these same rows, so it is converted as the
+    whole matrix in memory would be.
+    """
+    return np.unique(np.linspace(0, n - 1, min(n, n_rows)).astype(np.int64))
+
+
 def sample_rows(X: Any, n_rows: int = _DETECT_ROWS) -> sp.csr_matrix:
     """Up to ``n_rows`` rows spread evenly over ``X`` (deterministic), as float32 CSR; NaN/inf read as 0."""
     X = as_matrix_like(X)
     if len(X.shape) != 2 or X.shape[0] == 0 or np.dtype(X.dtype).kind not in "biuf":
         return sp.csr_matrix((0, 0), dtype=np.float32)
-    n = X.shape[0]
-    idx = np.unique(np.linspace(0, n - 1, min(n, n_rows)).astype(np.int64))
+    idx = sample_index(X.shape[0], n_rows)
     if sp.issparse(X) and X.format not in ("csr", "csc"):
         X = sp.csr_matrix(X)
     sub = X[idx]
+    if hasattr(sub, "compute"):  # a dask array: read just these rows
+        sub = sub.compute()
     sub = sp.csr_matrix(sub if sp.issparse(sub) else np.asarray(sub, dtype=np.float32), dtype=np.float32, copy=True)
     sub.data[~np.isfinite(sub.data)] = 0  # validate_matrix rejects these; here they are ignored
     sub.eliminate_zeros()

@@ -394,19 +394,24 @@ class AnnotationResult:
 
     def summary(self) -> pd.DataFrame:
         """Counts per label with mean confidence and band shares."""
-        df = self.to_dataframe()
-        g = df.groupby("cell_type", observed=True)
-        out = pd.DataFrame(
-            {
-                "cells": g.size(),
-                "mean_confidence": g["cell_type_confidence"].mean().round(3),
-                "confident": g["cell_type_band"].apply(lambda s: (s == "confident").mean()).round(3),
-                "review": g["cell_type_band"].apply(lambda s: (s == "review").mean()).round(3),
-                "low": g["cell_type_band"].apply(lambda s: (s == "low").mean()).round(3),
-                "novel": g["novel"].mean().round(3),
-            }
-        ).sort_values("cells", ascending=False)
-        return out
+        return summarise(self.to_dataframe())
+
+
+def summarise(df: pd.DataFrame) -> pd.DataFrame:
+    """Counts per label with mean confidence, band and novel shares, from the columns
+    ``cell_type``, ``cell_type_confidence``, ``cell_type_band`` and ``novel`` of ``df``."""
+    g = df.groupby("cell_type", observed=True)
+    band = df["cell_type_band"].astype(str)
+    return pd.DataFrame(
+        {
+            "cells": g.size(),
+            "mean_confidence": g["cell_type_confidence"].mean().round(3),
+            "confident": (band == "confident").groupby(df["cell_type"], observed=True).mean().round(3),
+            "review": (band == "review").groupby(df["cell_type"], observed=True).mean().round(3),
+            "low": (band == "low").groupby(df["cell_type"], observed=True).mean().round(3),
+            "novel": g["novel"].mean().round(3),
+        }
+    ).sort_values("cells", ascending=False)
 
 
 def _nullable(values, digits: int) -> list:

@@ -52,7 +52,7 @@ def db_url(request, tmp_path):
 def ledger(db_url):
     from cellatlas.service.ledger import Ledger
 
-    led = Ledger(db_url, free_credits=500, cells_per_credit=1000)
+    led = Ledger(db_url, free_credits=500, cells_per_credit=1000, secret=b"test-secret")
     yield led
     led.close()
 

@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import threading
 
+import hashlib
+
 import pytest
 from sqlalchemy import select
 
 from cellatlas.errors import AuthError, InputError, PaymentRequiredError
 from cellatlas.service.db import api_keys, usage
 from cellatlas.service.errors import IdempotencyKeyReusedError
-from cellatlas.service.ledger import Ledger, hash_key
+from cellatlas.service.ledger import Ledger
 
 
 def test_new_key_has_free_credits_and_is_stored_only_as_hash(ledger):
@@ -21,8 +23,10 @@ def test_new_key_has_free_credits_and_is_stored_only_as_hash(ledger):
         rows = conn.execute(select(api_keys)).mappings().all()
     assert len(rows) == 1
     stored = " ".join(str(v) for v in rows[0].values())
-    assert secret not in stored and secret[10:] not in stored
-    assert rows[0]["key_hash"] == hash_key(secret)
+    public, _, private = secret.partition("_")
+    assert secret not in stored and private[:4] not in stored and len(private) >= 43
+    assert rows[0]["prefix"] == public == info.prefix  # the stored prefix is the public part only
+    assert rows[0]["key_hash"] == ledger.hash_key(secret) != hashlib.sha256(secret.encode()).hexdigest()
     assert ledger.authenticate(secret).key_id == info.id
 
 

@@ -182,34 +182,34 @@ def test_zstd_multi_frame_and_streamed_frames_decode_completely():
         decode_body(streamed, "zstd", limit=4000)
 
 
-def test_simdjson_fast_path_reads_arrays_straight_into_numpy(csr_payload):
-    from cellatlas.service.payload import _fast_json
-
+def test_json_arrays_go_straight_into_numpy(csr_payload):
     X, genes = _matrix(n=5, g=7, seed=3)
-    body = orjson.dumps(csr_payload(X, genes, model="default"))
-    fast = _fast_json(body)
-    assert isinstance(fast["matrix"]["data"], np.ndarray) and isinstance(fast["matrix"]["indices"], np.ndarray)
-    slow = orjson.loads(body)
-    for k in ("indptr", "indices", "data"):
-        np.testing.assert_array_equal(fast["matrix"][k], slow["matrix"][k])
-    assert fast["genes"] == genes and fast["matrix"]["shape"] == [5, 7] and fast["model"] == "default"
-    p = _parse(body)
-    assert (p.X != X).nnz == 0
+    p = _parse(orjson.dumps(csr_payload(X, genes, model="default")))
+    assert (p.X != X).nnz == 0 and p.genes == genes and p.model == "default"
 
 
 @pytest.mark.parametrize(
-    "mutate",
+    "mutate,field",
     [
-        lambda b: b.update(genes=[g + "[1]" for g in b["genes"]]),  # '[' inside strings
-        lambda b: b["matrix"].update(indices=[float(i) for i in b["matrix"]["indices"]]),  # whole floats
-        lambda b: b["matrix"].update(data=[[d] for d in b["matrix"]["data"]]),  # nested
-        lambda b: b.update(model={"name": "default"}),  # object where a string belongs
+        (lambda b: b.update(genes=[g + "[1]" for g in b["genes"]]), None),  # '[' inside strings: fine
+        (lambda b: b["matrix"].update(indices=[float(i) for i in b["matrix"]["indices"]]), None),  # whole floats: fine
+        (lambda b: b["matrix"].update(data=[[d] for d in b["matrix"]["data"]]), "matrix.data"),  # nested
+        (lambda b: b["matrix"].update(indptr=[b["matrix"]["indptr"]]), "matrix.indptr"),  # nested, one level
+        (lambda b: b.update(model={"name": "default"}), "model"),  # object where a string belongs
+        (lambda b: b["matrix"].update(data=[True] + b["matrix"]["data"][1:]), "matrix.data"),  # true is not a number
+        (lambda b: b["matrix"].update(shape=["4", "6"]), "matrix.shape"),  # strings are not integers
+        (lambda b: b["matrix"].update(shape={"0": 4, "1": 6}), "matrix.shape"),  # object (was a KeyError 500)
+        (lambda b: b["matrix"].update(shape=[4.0, 6.0]), "matrix.shape"),  # floats are not integers
+        (lambda b: b["matrix"].update(shape=[True, 6]), "matrix.shape"),
     ],
 )
-def test_unusual_json_bodies_fall_back_to_orjson(csr_payload, mutate):
-    from cellatlas.service.payload import _fast_json
-
+def test_unusual_json_bodies_parse_or_name_the_field(csr_payload, mutate, field):
     X, genes = _matrix()
     body = csr_payload(X, genes)
     mutate(body)
-    assert _fast_json(orjson.dumps(body)) is None
+    if field is None:
+        assert (_parse(orjson.dumps(body)).X != X).nnz == 0
+        return
+    with pytest.raises(InputError) as e:
+        _parse(orjson.dumps(body))
+    assert e.value.field == field and e.value.status_code == 422, e.value.message

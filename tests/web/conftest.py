@@ -241,7 +241,9 @@ def browser():
 @pytest.fixture(scope="session")
 def browser_context(browser):
     """One context (so the browser's HTTP cache keeps plotly.js between tests); each test gets its own tab."""
-    ctx = browser.new_context(viewport=VIEWPORT, accept_downloads=True)
+    # bypass_csp: Playwright's wait_for_function evaluates its predicate string with eval, which the
+    # app's Content-Security-Policy forbids; the policy itself is tested in tests/service/test_csp_browser.py.
+    ctx = browser.new_context(viewport=VIEWPORT, accept_downloads=True, bypass_csp=True)
     yield ctx
     ctx.close()
 

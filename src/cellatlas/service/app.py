@@ -1,9 +1,11 @@
 """The Cell Atlas HTTP API: a FastAPI app over the in-process engine.
 
-``create_app(settings)`` wires the routes, the ledger (``app.state.ledger``),
-the body-size limit, metrics and one error handler that turns every
-:class:`~cellatlas.errors.CellAtlasError` into its status code and JSON body.
-Run it with ``cellatlas serve`` or ``uvicorn --factory cellatlas.service.app:create_app``.
+``create_app(settings)`` wires the routes, the ledger (``app.state.ledger``), the
+body-size limit, the decode budget, rate limits, security headers, offline API docs,
+metrics, housekeeping (:mod:`cellatlas.service.housekeeping`) and one error handler
+that turns every :class:`~cellatlas.errors.CellAtlasError` into its status code and
+JSON body. Run it with ``cellatlas serve`` or
+``uvicorn --factory cellatlas.service.app:create_app``.
 """
 
 from __future__ import annotations
@@ -20,12 +22,15 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from cellatlas.annotate import code_version
 from cellatlas.config import Settings, get_settings
 from cellatlas.errors import CellAtlasError, InputError
-from cellatlas.service import routes_meta, routes_singlecell
+from cellatlas.service import docs, housekeeping, routes_meta, routes_singlecell
+from cellatlas.service.body import DecodeBudget
 from cellatlas.service.jobs import default_job_slots, request_id
 from cellatlas.service.ledger import Ledger
 from cellatlas.service.limits import BodyLimitMiddleware
 from cellatlas.service.metrics import Metrics, MetricsMiddleware
+from cellatlas.service.ratelimit import RateLimitMiddleware, RateLimits
 from cellatlas.service.render import dumps
+from cellatlas.service.security import SecurityHeadersMiddleware
 
 log = logging.getLogger("cellatlas.service")
 
@@ -52,8 +57,10 @@ def create_app(settings: Settings | None = None, *, ledger: Ledger | None = None
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        yield
+        async with housekeeping.running(app):
+            yield
         app.state.ledger.close()
+        app.state.decode_budget.close()
 
     app = FastAPI(
         title="Cell Atlas API",
@@ -63,7 +70,8 @@ def create_app(settings: Settings | None = None, *, ledger: Ledger | None = None
             "matrix and gene symbols; get a calibrated call per cell. JSON is the compatible path, "
             "npz/h5ad with zstd or gzip the fast one. Authenticate with `Authorization: Bearer sk-...`."
         ),
-        docs_url="/docs",
+        docs_url=None,  # served offline by cellatlas.service.docs
+        redoc_url=None,
         openapi_url="/openapi.json",
         lifespan=lifespan,
     )
@@ -71,13 +79,20 @@ def create_app(settings: Settings | None = None, *, ledger: Ledger | None = None
     app.state.ledger = ledger
     app.state.metrics = Metrics()
     app.state.job_limiter = anyio.CapacityLimiter(default_job_slots())
+    app.state.decode_budget = DecodeBudget(settings.resolved_decode_slots, settings.home / "run", settings.decode_wait_seconds)
+    app.state.rate_limits = RateLimits(settings)
+    housekeeping.sweep_at_start(settings)
 
     app.include_router(routes_singlecell.router)
     app.include_router(routes_meta.router)
+    app.include_router(docs.router)
     _include_web(app)
     _install_error_handlers(app)
+    # Outermost last: security headers on everything, metrics count 429s and 413s too.
     app.add_middleware(BodyLimitMiddleware, settings=settings)
+    app.add_middleware(RateLimitMiddleware, limits=app.state.rate_limits)
     app.add_middleware(MetricsMiddleware, metrics=app.state.metrics)
+    app.add_middleware(SecurityHeadersMiddleware)
     return app
 
 
@@ -86,7 +101,10 @@ def _include_web(app: FastAPI) -> None:
         from cellatlas.web import router as web_router
     except ImportError:
         return
-    app.include_router(web_router)
+    from cellatlas.service.schemas import error_responses
+
+    # What the workspace's session and run steps answer besides their own outcomes.
+    app.include_router(web_router, responses=error_responses(400, 401, 402, 404, 409, 413, 415, 422, 429))
 
 
 def error_response(err: CellAtlasError, request: Request | None = None) -> Response:
@@ -96,7 +114,7 @@ def error_response(err: CellAtlasError, request: Request | None = None) -> Respo
         headers["X-Request-ID"] = request_id(request)
     if err.status_code == 401:
         headers["WWW-Authenticate"] = 'Bearer realm="cellatlas"'
-    if err.status_code in (429, 503) and "retry_after" in err.details:
+    if err.status_code in (429, 503) and "retry_after" in (err.details or {}):
         headers["Retry-After"] = str(err.details["retry_after"])
     return Response(dumps(err.to_dict()), status_code=err.status_code, media_type="application/json", headers=headers)
 

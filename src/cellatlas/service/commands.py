@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Annotated, Optional
+from typing import TYPE_CHECKING, Annotated, Optional
 
 import typer
 from rich.console import Console
@@ -16,7 +16,9 @@ from rich.table import Table
 
 from cellatlas.config import get_settings
 from cellatlas.errors import CellAtlasError
-from cellatlas.service.ledger import Ledger
+
+if TYPE_CHECKING:  # SQLAlchemy loads with the first ledger command, not with every `cellatlas` call
+    from cellatlas.service.ledger import Ledger
 
 keys_app = typer.Typer(help="Manage API keys and credits (stored hashed in the ledger database).", no_args_is_help=True)
 
@@ -56,6 +58,8 @@ def serve(
     """
     import uvicorn
 
+    from cellatlas.service.ledger import Ledger
+
     # the app factory runs in uvicorn's worker processes: settings travel as CELLATLAS_* variables
     if local:
         os.environ["CELLATLAS_REQUIRE_API_KEY"] = "false"
@@ -84,6 +88,8 @@ def serve(
 
 
 def _ledger(database_url: str | None) -> Ledger:
+    from cellatlas.service.ledger import Ledger
+
     s = get_settings()
     return Ledger(database_url or s.resolved_database_url, free_credits=s.free_credits, cells_per_credit=s.cells_per_credit)
 

@@ -7,6 +7,7 @@ first use (``create_all`` is idempotent).
 
 from __future__ import annotations
 
+import time
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -26,6 +27,7 @@ from sqlalchemy import (
     event,
 )
 from sqlalchemy.engine import Engine, make_url
+from sqlalchemy.exc import IntegrityError, OperationalError, ProgrammingError
 
 metadata = MetaData()
 
@@ -77,6 +79,14 @@ idempotency = Table(
 )
 Index("ix_cellatlas_idempotency_created", idempotency.c.created_at)
 
+meta = Table(
+    "cellatlas_meta",
+    metadata,
+    Column("key", String(64), primary_key=True),
+    Column("value", String(256), nullable=False),
+)
+"""Ledger facts: the key-hash scheme and a check value of the server secret it uses."""
+
 
 def utcnow() -> datetime:
     """Timezone-aware current time (UTC)."""
@@ -109,8 +119,32 @@ def make_engine(url: str) -> Engine:
         engine = _sqlite_engine(url, parsed.database)
     else:
         engine = create_engine(url, pool_pre_ping=True, pool_size=5, max_overflow=10, future=True)
-    metadata.create_all(engine, checkfirst=True)
+    create_tables(engine)
     return engine
+
+
+_INIT_LOCK = 0x63656C6C61746C  # PostgreSQL advisory lock id for table creation ("cellatl")
+
+
+def create_tables(engine: Engine, attempts: int = 5) -> None:
+    """Create the ledger tables if missing, safely when several processes start at once.
+
+    ``uvicorn --workers N`` and replicas behind a load balancer all start against one
+    database: on PostgreSQL the creation runs under a transaction-scoped advisory lock;
+    on SQLite (and for any other race) a failed attempt is retried, and the retry sees
+    the tables the other process made.
+    """
+    for attempt in range(attempts):
+        try:
+            with engine.begin() as conn:
+                if engine.dialect.name == "postgresql":
+                    conn.exec_driver_sql(f"SELECT pg_advisory_xact_lock({_INIT_LOCK})")
+                metadata.create_all(conn, checkfirst=True)
+            return
+        except (OperationalError, ProgrammingError, IntegrityError):
+            if attempt == attempts - 1:
+                raise
+            time.sleep(0.1 * (attempt + 1))
 
 
 def _sqlite_engine(url: str, database: str | None) -> Engine:

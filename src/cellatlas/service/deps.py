@@ -2,7 +2,8 @@
 
 ``get_principal`` authenticates ``Authorization: Bearer sk-...`` against the
 ledger; in local mode (``require_api_key=False``, ``cellatlas serve --local``)
-it returns ``None`` and nothing is charged.
+it returns ``None`` and nothing is charged. It also applies the rate limits on
+failed authentication (per IP) and on requests per key (429 beyond them).
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from fastapi import Request
 from cellatlas.config import Settings
 from cellatlas.errors import AuthError
 from cellatlas.service.ledger import Ledger, Principal
+from cellatlas.service.ratelimit import client_ip
 
 __all__ = ["Principal", "get_ledger", "get_principal", "get_service_settings", "bearer_token"]
 
@@ -62,5 +64,16 @@ def get_principal(request: Request) -> Principal | None:
     settings: Settings = request.app.state.settings
     if not settings.require_api_key:
         return None
-    token = bearer_token(request.headers.get("authorization"))
-    return request.app.state.ledger.authenticate(token)
+    limits = getattr(request.app.state, "rate_limits", None)
+    ip = client_ip(request.scope)
+    if limits is not None:
+        limits.check_auth(ip)
+    try:
+        principal = request.app.state.ledger.authenticate(bearer_token(request.headers.get("authorization")))
+    except AuthError:
+        if limits is not None:
+            limits.auth_failed(ip)
+        raise
+    if limits is not None:
+        limits.key_request(principal.key_id)
+    return principal

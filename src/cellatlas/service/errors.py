@@ -24,3 +24,10 @@ class NotReadyError(CellAtlasError):
 
     status_code = 503
     code = "not_ready"
+
+
+class ClientDisconnectedError(CellAtlasError):
+    """The client left before the response was ready (nginx's 499); nothing is charged."""
+
+    status_code = 499
+    code = "client_disconnected"

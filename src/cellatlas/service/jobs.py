@@ -1,35 +1,35 @@
 """The billed request cycle shared by annotate, embed and markers.
 
-replay an earlier response for the same Idempotency-Key (the body hash runs
-in the background and is waited for only when there is one to compare) -> decode body ->
-parse -> refuse early (402) if the key cannot pay -> run the engine in a
-worker thread (bounded queue, 429 when full) -> charge and store the response
-in one transaction -> respond. Nothing is charged when any step fails. A
-``Server-Timing`` header gives the milliseconds of each step (read, parse, engine,
-hash wait, respond = render + ledger).
+authenticate (a dependency) -> refuse with 402 a key that cannot pay for one cell, before
+the body is read -> take a decode slot (429 when none frees in time) -> receive and decode
+the body under its caps, hashing it for Idempotency-Key -> replay a stored response ->
+parse, checking every declared size and the price of the declared cells (402) before
+arrays are built -> release the slot -> resolve the atlas name (installed atlases only) ->
+run the engine in a worker thread (bounded queue, 429 when full) -> charge and store the
+response in one transaction -> respond. Nothing is charged when any step fails, nor when
+a client without Idempotency-Key has gone before the charge. A ``Server-Timing`` header
+gives the milliseconds of each step (read, parse, engine, respond = render + ledger).
 """
 
 from __future__ import annotations
 
-import asyncio
-import hashlib
 import os
 import time
 import uuid
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable, Mapping
 
 import anyio
 from fastapi import Request, Response
 from fastapi.concurrency import run_in_threadpool
 
+from cellatlas.atlas import SUFFIX, resolve_atlas_path
 from cellatlas.encoders import model_status
 from cellatlas.errors import InputError
-from cellatlas.service.errors import ServerBusyError
+from cellatlas.service.body import read_body
+from cellatlas.service.errors import ClientDisconnectedError, ServerBusyError
 from cellatlas.service.ledger import Charge, Principal
-from cellatlas.service.payload import Parsed, decode_body, parse_request
-
-_HASHER = ThreadPoolExecutor(max_workers=2, thread_name_prefix="cellatlas-hash")
+from cellatlas.service.limits import RequestLimits
+from cellatlas.service.payload import Parsed, parse_request
 
 MAX_QUEUED_JOBS = 32
 """Jobs allowed to wait for a worker thread before the server answers 429."""
@@ -38,6 +38,13 @@ MAX_QUEUED_JOBS = 32
 def default_job_slots() -> int:
     """Engine jobs run at once per process: half the cores (the engine itself uses threads)."""
     return max(1, (os.cpu_count() or 2) // 2)
+
+
+def http_atlas(name: str | None, settings) -> str | None:
+    """The installed atlas a name or alias sent over HTTP refers to (404 otherwise; never a path)."""
+    if name is None:
+        return None
+    return resolve_atlas_path(name, settings, allow_paths=False).name[: -len(SUFFIX)]
 
 
 async def run_billed(
@@ -75,36 +82,42 @@ async def run_billed(
     key_id = principal.key_id if principal is not None else None
     idem = idempotency_key(request)
     marks = [("start", time.perf_counter())]
-    raw = await request.body()
-    marks.append(("read", time.perf_counter()))
-    # The body hash (needed to store the response, or to check a replay) runs beside
-    # decoding, parsing and the engine instead of before them.
-    hashing = _HASHER.submit(request_hash, request, raw) if idem else None
-    if idem:
-        stored = await run_in_threadpool(ledger.replay, key_id, idem, hashing.result)
-        if stored is not None:
-            state.metrics.observe_work(endpoint, stored.cells, stored.credits_charged, True)
-            return charge_response(stored, request_id(request))
-    body = await run_in_threadpool(decode_body, raw, request.headers.get("content-encoding"), settings.max_body_bytes)
-    del raw
-    params = {k: v for k, v in request.query_params.items() if k not in reserved_params}
-    parsed = await run_in_threadpool(
-        parse_request,
-        body,
-        content_type=request.headers.get("content-type"),
-        params=params,
-        options=options,
-        max_cells=settings.max_cells_per_request,
-    )
-    del body
+    if principal is not None and principal.credits < ledger.price(1):
+        stored = idem is not None and await run_in_threadpool(ledger.has_stored, key_id, idem)
+        if not stored:  # a retry of a paid request may still fetch its stored response
+            raise ledger.empty_error(principal.credits)
+    async with state.decode_budget.slot():
+        body = await read_body(request, settings, hashed=idem is not None)
+        try:
+            marks.append(("read", time.perf_counter()))
+            if idem:
+                stored = await run_in_threadpool(ledger.replay, key_id, idem, body.digest)
+                if stored is not None:
+                    state.metrics.observe_work(endpoint, stored.cells, stored.credits_charged, True)
+                    return charge_response(stored, request_id(request))
+            pay = (lambda n: ledger.check_balance(key_id, n)) if key_id is not None else None
+            params = {k: v for k, v in request.query_params.items() if k not in reserved_params}
+            parsed = await run_in_threadpool(
+                parse_request,
+                body,
+                content_type=request.headers.get("content-type"),
+                params=params,
+                options=options,
+                limits=RequestLimits.from_settings(settings, pay=pay),
+            )
+        finally:
+            body.close()
     if parsed.model is not None:
         await run_in_threadpool(lambda: model_status(parsed.model, settings=settings))  # unknown name -> 404 now
-    await run_in_threadpool(ledger.check_balance, key_id, parsed.n_cells)
+    parsed.atlas = await run_in_threadpool(http_atlas, parsed.atlas, settings)
     marks.append(("parse", time.perf_counter()))
     output = await run_job(request, work, parsed)
     marks.append(("engine", time.perf_counter()))
-    req_hash = await asyncio.wrap_future(hashing) if hashing is not None else ""
-    marks.append(("hash", time.perf_counter()))
+    if idem is None and await request.is_disconnected():
+        raise ClientDisconnectedError(
+            "The client closed the connection before the response; nothing was charged.",
+            fix="Send an Idempotency-Key so a retry gets the stored response instead of a new run.",
+        )
     rid = request_id(request)
     charge = await run_in_threadpool(
         lambda: ledger.charge(
@@ -112,7 +125,7 @@ async def run_billed(
             parsed.n_cells,
             idem,
             endpoint=endpoint,
-            request_hash=req_hash,
+            request_hash=body.digest,
             request_id=rid,
             render=lambda ch: render(output, parsed, ch),
             media_type=media_type,
@@ -163,23 +176,6 @@ def idempotency_key(request: Request) -> str | None:
             field="Idempotency-Key",
         )
     return key
-
-
-def request_hash(request: Request, body: bytes) -> str:
-    """Fingerprint of a request as sent: route, query, content type and encoding, body bytes.
-
-    A retry must resend the same bytes (the client does); BLAKE2b keeps this cheap on
-    100 MB bodies.
-    """
-    h = hashlib.blake2b(digest_size=32)
-    h.update(request.method.encode())
-    h.update(request.url.path.encode())
-    h.update(repr(sorted(request.query_params.multi_items())).encode())
-    for name in ("content-type", "content-encoding"):
-        h.update(b"\0" + (request.headers.get(name) or "").split(";")[0].strip().lower().encode())
-    h.update(b"\0")
-    h.update(body)
-    return h.hexdigest()
 
 
 def request_id(request: Request) -> str:

@@ -1,8 +1,14 @@
 """API keys, credits, usage records and idempotent replays, in one SQL database.
 
-Keys look like ``sk-ca-<43 url-safe characters>`` and are stored only as a
-SHA-256 hash (they are long random secrets, so a fast hash is sufficient);
-the stored and presented hashes are compared with :func:`hmac.compare_digest`.
+Keys look like ``sk-ca-<8 hex>_<43 url-safe characters>``: the first part is a public
+prefix (stored, shown by ``keys list``), the rest the secret. The database stores only
+``HMAC-SHA-256(server secret, SHA-256(key))`` (:func:`hash_key`), so a copy of the
+database alone cannot check guesses; the stored and presented hashes are compared with
+:func:`hmac.compare_digest`. The server secret is ``CELLATLAS_API_KEY_SECRET`` or a
+random value created once in ``CELLATLAS_HOME/api_key_secret`` (:func:`key_secret`).
+Databases from before (plain SHA-256, prefixes showing 4 secret characters) are
+migrated once, in one transaction, when a ledger opens them: the stored SHA-256 is
+wrapped in the HMAC and the prefix replaced (old keys keep working).
 
 Pricing: one credit per started block of ``cells_per_credit`` cells
 (default 1,000), so 1 cell costs 1 credit and 10,000 cells cost 10.
@@ -13,7 +19,6 @@ concurrent requests can never overdraw a key or be charged twice.
 
 from __future__ import annotations
 
-import hashlib
 import hmac
 import math
 import secrets
@@ -30,8 +35,10 @@ from cellatlas.config import Settings
 from cellatlas.errors import AuthError, InputError, PaymentRequiredError
 from cellatlas.service.db import LOCAL_SCOPE, api_keys, idempotency, make_engine, normalise_url, usage, utcnow
 from cellatlas.service.errors import IdempotencyKeyReusedError
+from cellatlas.service.keys import KEY_PREFIX, LEGACY_PREFIX, hash_key, key_secret, migrate_key_hashes, new_key
 
-KEY_PREFIX = "sk-ca-"
+__all__ = ["Charge", "KeyInfo", "Ledger", "Principal", "KEY_PREFIX", "LEGACY_PREFIX", "hash_key", "key_secret"]
+
 IDEMPOTENCY_TTL = timedelta(hours=24)
 _ZSTD_LEVEL = 3
 
@@ -101,11 +108,6 @@ class Charge:
         }
 
 
-def hash_key(api_key: str) -> str:
-    """SHA-256 hex digest of an API key (what the database stores)."""
-    return hashlib.sha256(api_key.encode("utf-8")).hexdigest()
-
-
 class Ledger:
     """Keys, credits and usage in a SQL database.
 
@@ -119,6 +121,8 @@ class Ledger:
         Credits granted to a new key.
     cells_per_credit
         Pricing: one credit per started block of this many cells.
+    secret
+        Server secret for key hashes (default: :func:`key_secret` of the process settings).
     """
 
     def __init__(
@@ -128,21 +132,26 @@ class Ledger:
         engine: Engine | None = None,
         free_credits: int = 500,
         cells_per_credit: int = 1000,
+        secret: bytes | str | None = None,
     ) -> None:
         if engine is None and database_url is None:
             raise ValueError("Ledger needs a database_url or an engine")
         self.engine = engine if engine is not None else make_engine(database_url)
         self.free_credits = int(free_credits)
         self.cells_per_credit = int(cells_per_credit)
+        secret = key_secret() if secret is None else secret
+        self._secret = secret.encode("utf-8") if isinstance(secret, str) else bytes(secret)
         self._zc = zstandard.ZstdCompressor(level=_ZSTD_LEVEL)
+        migrate_key_hashes(self.engine, self._secret)
 
     @classmethod
     def from_settings(cls, settings: Settings) -> "Ledger":
-        """Ledger on ``settings.resolved_database_url`` with the configured pricing."""
+        """Ledger on ``settings.resolved_database_url`` with the configured pricing and key secret."""
         return cls(
             settings.resolved_database_url,
             free_credits=settings.free_credits,
             cells_per_credit=settings.cells_per_credit,
+            secret=key_secret(settings),
         )
 
     @staticmethod
@@ -166,18 +175,22 @@ class Ledger:
             raise ValueError("n_cells must be >= 0")
         return math.ceil(n_cells / self.cells_per_credit)
 
+    def hash_key(self, api_key: str) -> str:
+        """The stored form of ``api_key`` under this ledger's secret (:func:`hash_key`)."""
+        return hash_key(api_key, self._secret)
+
     # -------------------------------------------------------------------- keys
     def create_key(self, name: str, credits: int | None = None) -> tuple[str, KeyInfo]:
         """Create a key; returns ``(secret, info)``. The secret is shown only here."""
         credits = self.free_credits if credits is None else int(credits)
         if credits < 0:
             raise InputError("Credits must be >= 0.", fix="Pass a non-negative number.", field="credits")
-        secret = KEY_PREFIX + secrets.token_urlsafe(32)
+        public, secret = new_key()
         row = {
             "id": "key_" + secrets.token_hex(6),
             "name": name,
-            "prefix": secret[:10],
-            "key_hash": hash_key(secret),
+            "prefix": public,
+            "key_hash": self.hash_key(secret),
             "credits": credits,
             "created_at": utcnow(),
         }
@@ -232,7 +245,7 @@ class Ledger:
         fix = "Send `Authorization: Bearer sk-...` with a key from `cellatlas keys create`."
         if not api_key:
             raise AuthError("An API key is required.", fix=fix, field="Authorization")
-        presented = hash_key(api_key)
+        presented = self.hash_key(api_key)
         with self.engine.connect() as conn:
             row = conn.execute(select(api_keys).where(api_keys.c.key_hash == presented)).mappings().first()
         stored = row["key_hash"] if row is not None else "0" * 64
@@ -243,6 +256,22 @@ class Ledger:
         return Principal(key_id=row["id"], name=row["name"], credits=int(row["credits"]))
 
     # ---------------------------------------------------------------- charging
+    def empty_error(self, balance: int) -> PaymentRequiredError:
+        """402 for a key that cannot pay for a single cell (raised before the body is read)."""
+        return PaymentRequiredError(
+            f"Not enough credits: the key has {balance} and every request costs at least {self.price(1)}.",
+            fix="Top the key up (`cellatlas keys topup KEY_ID CREDITS`).",
+            field="Authorization",
+            details={"balance": balance, "price": self.price(1), "cells_per_credit": self.cells_per_credit},
+        )
+
+    def has_stored(self, key_id: str | None, idempotency_key: str) -> bool:
+        """Whether a response is stored for ``(key, Idempotency-Key)``."""
+        with self.engine.connect() as conn:
+            return conn.execute(
+                select(idempotency.c.idem_key).where(idempotency.c.scope == (key_id or LOCAL_SCOPE), idempotency.c.idem_key == idempotency_key)
+            ).first() is not None
+
     def check_balance(self, key_id: str | None, n_cells: int) -> int:
         """Raise :class:`PaymentRequiredError` now if the key cannot pay for ``n_cells``.
 

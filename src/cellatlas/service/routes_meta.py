@@ -15,6 +15,7 @@ from cellatlas.service.errors import NotReadyError
 from cellatlas.service.ledger import Principal
 from cellatlas.service.limits import limits_info
 from cellatlas.service.render import dumps
+from cellatlas.service.schemas import PUBLIC_RESPONSES, error_responses
 
 router = APIRouter()
 
@@ -28,7 +29,7 @@ def _public(entry: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in entry.items() if k != "path"}
 
 
-@router.get("/v1/models", tags=["discovery"], summary="Models installed here and whether they can run")
+@router.get("/v1/models", tags=["discovery"], summary="Models installed here and whether they can run", responses=PUBLIC_RESPONSES)
 async def models(request: Request) -> Response:
     """Each model's ``name``, ``usable``, ``reason`` (why not) and ``kind``."""
     settings = request.app.state.settings
@@ -36,20 +37,21 @@ async def models(request: Request) -> Response:
     return _json({"models": [_public(m) for m in entries], "default": DEFAULT_MODEL, "fallback_model": None if settings.strict_models else settings.fallback_model or None})
 
 
-@router.get("/v1/atlases", tags=["discovery"], summary="Reference atlases installed here")
+@router.get("/v1/atlases", tags=["discovery"], summary="Reference atlases installed here", responses=PUBLIC_RESPONSES)
 async def atlases(request: Request) -> Response:
     """Name, version, sha256, models, label and reference-cell counts, aliases, usability."""
     entries = await run_in_threadpool(list_atlases, request.app.state.settings)
     return _json({"atlases": [_public(a) for a in entries], "default": DEFAULT_ATLAS})
 
 
-@router.get("/v1/limits", tags=["discovery"], summary="Request limits, pricing and accepted formats")
+@router.get("/v1/limits", tags=["discovery"], summary="Request limits, pricing and accepted formats", responses=PUBLIC_RESPONSES)
 async def limits(request: Request) -> Response:
     """Cells per request, body bytes, pricing, content types and encodings."""
     return _json(limits_info(request.app.state.settings))
 
 
-@router.get("/v1/usage", tags=["account"], summary="Credits left and usage history of the calling key")
+@router.get("/v1/usage", tags=["account"], summary="Credits left and usage history of the calling key",
+            responses=error_responses(401, 413, 422, 429))
 async def usage(
     request: Request,
     principal: Principal | None = Depends(get_principal),
@@ -67,13 +69,14 @@ async def usage(
     return _json({**account, "pricing": limits_info(settings)["pricing"], **summary})
 
 
-@router.get("/healthz", tags=["operations"], summary="Liveness")
+@router.get("/healthz", tags=["operations"], summary="Liveness", responses=error_responses(413, 422))
 async def healthz() -> Response:
     """Always cheap: the process answers (engine work runs in worker threads)."""
     return _json({"status": "ok", "version": code_version()})
 
 
-@router.get("/readyz", tags=["operations"], summary="Readiness: database reachable, an atlas and a model usable")
+@router.get("/readyz", tags=["operations"], summary="Readiness: database reachable, an atlas and a model usable",
+            responses=error_responses(413, 422, 503))
 async def readyz(request: Request) -> Response:
     """503 with the failing checks, 200 when requests can be served."""
     settings = request.app.state.settings
@@ -109,7 +112,7 @@ def _readiness(ledger, settings) -> dict[str, dict[str, Any]]:
     return checks
 
 
-@router.get("/metrics", tags=["operations"], summary="Prometheus metrics (text format)")
+@router.get("/metrics", tags=["operations"], summary="Prometheus metrics (text format)", responses=error_responses(413, 422))
 async def metrics(request: Request) -> Response:
     """Request counts and latency per route, cells and credits per endpoint, queue depth."""
     return Response(request.app.state.metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")

@@ -173,13 +173,13 @@ async def embed(
 async def atlas_markers(
     request: Request,
     principal: Principal | None = Depends(get_principal),
-    reference_atlas: str = Query(DEFAULT_ATLAS, description="Atlas name or alias (GET /v1/atlases)"),
+    reference_atlas: str = Query(DEFAULT_ATLAS, min_length=1, max_length=200, description="Atlas name or alias (GET /v1/atlases)"),
     label: list[str] | None = Query(None, description="Only these labels (repeatable)"),
     format: Literal["json", "tsv"] | None = Query(None, description="json (default) or tsv (also by Accept)"),
 ) -> Response:
     """The atlas's marker table: label, Cell Ontology id, gene, sign (+/-), source. Free of charge."""
     fmt = _format(request, format, {"json": "application/json", "tsv": TSV}, "json")
-    at = await run_in_threadpool(load_atlas, reference_atlas)
+    at = await run_in_threadpool(lambda: load_atlas(reference_atlas, request.app.state.settings, allow_paths=False))
     table = at.marker_table()
     if label:
         known = set(table["label"].astype(str))

@@ -134,19 +134,30 @@ class ErrorBody(BaseModel):
     error: ErrorDetail
 
 
-ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
-    code: {"model": ErrorBody, "description": desc}
-    for code, desc in {
-        401: "missing, invalid or revoked API key",
-        402: "not enough credits (details.balance)",
-        404: "unknown model or atlas",
-        409: "model unavailable here / atlas lacks this model",
-        413: "too many cells or body too large (details has the limit)",
-        415: "unsupported Content-Type or Content-Encoding",
-        422: "malformed input (field names it; code gene_list_mismatch: genes do not belong to the matrix columns)",
-        429: "server busy; retry after Retry-After seconds",
-    }.items()
+_ERROR_DESCRIPTIONS = {
+    400: "not possible in this state (e.g. no finished run yet)",
+    401: "missing, invalid or revoked API key",
+    402: "not enough credits (details.balance)",
+    404: "unknown model, atlas or session",
+    409: "model unavailable here / atlas lacks this model",
+    413: "body, cells or genes over the server's limits (details has the limit)",
+    415: "unsupported Content-Type, Content-Encoding or file type",
+    422: "malformed input or parameter (field names it; code gene_list_mismatch: genes do not belong to the matrix columns)",
+    429: "rate limit, decode budget or job queue full; retry after Retry-After seconds",
+    503: "not ready (details.checks)",
 }
+
+
+def error_responses(*codes: int) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI ``responses`` entries with the shared error body for ``codes``."""
+    return {code: {"model": ErrorBody, "description": _ERROR_DESCRIPTIONS[code]} for code in codes}
+
+
+ERROR_RESPONSES = error_responses(401, 402, 404, 409, 413, 415, 422, 429)
+"""What the billed routes answer besides 200."""
+PUBLIC_RESPONSES = error_responses(413, 422, 429)
+"""What any route answers: body limit, parameter validation, rate limit."""
+
 
 _BINARY = {"schema": {"type": "string", "format": "binary"}}
 _PARAMS = [

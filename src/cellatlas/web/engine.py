@@ -73,7 +73,7 @@ def load_dataset(path: Path, display_name: str) -> Dataset:
     from cellatlas import io
 
     try:
-        adata = io.read(path)
+        adata = io.read(path, untrusted=True)
     except CellAtlasError:
         raise
     except Exception as e:  # any parser failure is a bad file, said plainly

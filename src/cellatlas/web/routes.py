@@ -70,16 +70,9 @@ def _settings(request: Request) -> Settings:
 
 
 def _store(request: Request) -> SessionStore:
-    st = getattr(request.app.state, "workspace_store", None)
-    if st is None:
-        s = _settings(request)
-        st = SessionStore(
-            s.home / "workspace",
-            max_upload_bytes=s.workspace_max_upload_bytes,
-            ttl_seconds=s.workspace_ttl_hours * 3600,
-        )
-        request.app.state.workspace_store = st
-    return st
+    from cellatlas.service.housekeeping import workspace_store  # one store per app, also swept in the background
+
+    return workspace_store(request.app)
 
 
 def _owner(principal: Any) -> str | None:
@@ -174,7 +167,8 @@ def config(request: Request) -> Response:
     """Whether keys are required, the models and atlases on offer, limits and bands."""
     s = _settings(request)
     choices = engine.choices(s)
-    engine.warm_up(s, choices["default_atlas"])
+    if s.workspace_warm_up:
+        engine.warm_up(s, choices["default_atlas"])
     return _json(
         {
             "require_api_key": bool(s.require_api_key),
@@ -264,7 +258,7 @@ def run(sid: str, opts: RunOptions, request: Request, principal: Any = Depends(g
             fix="Choose another model (the list shows which are available).",
             field="model",
         )
-    load_atlas(options["atlas"], settings).stats(options["model"])  # raises if the atlas lacks this model
+    load_atlas(options["atlas"], settings, allow_paths=False).stats(options["model"])  # installed names only; raises if it lacks this model
     n = int((s.meta.get("facts") or {}).get("n_cells") or jobs.dataset_of(s).X.shape[0])
     charge = _charger(request, principal, n)
     jobs.start_run(s, options, settings, charge)

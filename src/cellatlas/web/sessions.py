@@ -219,6 +219,11 @@ class SessionStore:
         with self._lock:
             s = self._live.setdefault(sid, Session(id=sid, dir=p.parent, meta={}))
         s.reload_meta()  # a job in another worker process may have moved it on
+        if time.time() - float(s.meta.get("touched", 0)) > self.ttl_seconds:  # expired: gone, even before a sweep
+            with self._lock:
+                self._live.pop(sid, None)
+            shutil.rmtree(s.dir, ignore_errors=True)
+            raise _not_found(sid)
         if s.meta.get("owner") != owner:
             raise AuthError(
                 "This workspace session belongs to a different API key.",

@@ -1,0 +1,149 @@
+"""Scoring blocks of cells on a ``dask.distributed`` cluster.
+
+The client prepares what every block shares (gene mapping, value kind, the atlas) and
+broadcasts the atlas and the gene space to every worker once (``Client.scatter(...,
+broadcast=True)``); each worker builds its :class:`~cellatlas.annotate.Annotator` (the
+atlas runtime) on its first block and keeps it for the next. A block is either a row
+block of a dask array (``cellatlas.annotate(adata)`` with ``adata.X`` a dask array) or a
+row range of a file, which the worker opens from its path (``annotate_file(...,
+scheduler=...)``; the file must be on storage every worker reads: a shared file system,
+or an object store mounted on each worker). Blocks are validated and scored exactly as
+in-process (:meth:`Annotator.score`), and results come back in input order with a
+bounded number of blocks in flight.
+"""
+
+from __future__ import annotations
+
+import os
+from collections import deque
+from typing import TYPE_CHECKING, Any, Callable, Iterator
+
+import numpy as np
+
+from cellatlas.annotate import Annotator, block_size
+from cellatlas.errors import InputError
+from cellatlas.query import GeneSpace, prepare_query
+from cellatlas.result import AnnotationResult
+
+if TYPE_CHECKING:
+    from cellatlas.stream import Run
+
+_WORKER: dict[Any, Any] = {}
+"""Per worker process: annotators by (atlas sha256, model, model path, genes) and open files by their arguments."""
+
+
+def connect(scheduler: Any) -> tuple[Any, bool]:
+    """``(client, owned)`` for a scheduler address (``"tcp://host:8786"``) or an existing ``Client``."""
+    try:
+        from distributed import Client
+    except ImportError as exc:  # pragma: no cover - distributed is a dependency of the scale extra
+        raise InputError("running on a Dask cluster needs dask.distributed", field="scheduler",
+                         fix="pip install 'cellatlas[scale]' (dask[array], distributed, zarr).") from exc
+    if isinstance(scheduler, str):
+        try:
+            return Client(scheduler, timeout="30s"), True
+        except OSError as exc:
+            raise InputError(f"could not reach the Dask scheduler at {scheduler}: {exc}", field="scheduler",
+                             fix="Start it (`dask scheduler`) and its workers (`dask worker ADDRESS`), or check the address.") from exc
+    return scheduler, False
+
+
+def _annotator(atlas, space: GeneSpace, model: str, model_path) -> Annotator:
+    """This worker's annotator for the broadcast atlas and genes, built once."""
+    key = ("annotator", atlas.sha256, model, str(model_path), hash(space.names))
+    if key not in _WORKER:
+        from cellatlas.runtime import AtlasRuntime
+
+        rt = AtlasRuntime(atlas, model, list(space.genes), model_path=model_path)
+        _WORKER[key] = Annotator(space, model=model, atlas=atlas, model_path=model_path, runtime=rt)
+    return _WORKER[key]
+
+
+def _threads() -> int:
+    """Engine threads per task: the worker's cores shared among its task threads."""
+    try:
+        from distributed import get_worker
+
+        return max(1, (os.cpu_count() or 1) // max(1, get_worker().state.nthreads))
+    except (ImportError, ValueError, AttributeError):
+        return 1
+
+
+def _score(rows, ids, start: int, atlas, space: GeneSpace, values, check, model: str, model_path, chunk_size) -> AnnotationResult:
+    from cellatlas.annotate import _leave_unassigned
+
+    engine = _annotator(atlas, space, model, model_path)
+    query = prepare_query(rows, cell_ids=ids, space=space, values=values, row0=start, gene_check=check)
+    part = engine.score(query, chunk_size=chunk_size, threads=_threads())
+    _leave_unassigned(part)
+    return part
+
+
+def _score_array_block(rows, ids, start, atlas, space, values, check, model, model_path, chunk_size) -> AnnotationResult:
+    """One row block of a dask array (the block itself arrives as the task's input)."""
+    return _score(rows, ids, start, atlas, space, values, check, model, model_path, chunk_size)
+
+
+def _score_file_block(open_args: dict, start: int, stop: int, atlas, space, values, check, model, model_path,
+                      chunk_size) -> AnnotationResult:
+    """Rows ``start:stop`` of a file the worker opens itself (kept open for its next blocks)."""
+    from cellatlas.stream import open_file
+
+    key = ("file", tuple(sorted(open_args.items())))
+    if key not in _WORKER:
+        _WORKER[key] = open_file(**open_args)
+    src = _WORKER[key]
+    return _score(src.rows(start, stop), src.cell_ids(start, stop), start, atlas, space, values, check, model, model_path,
+                  chunk_size)
+
+
+def _chosen(source: str) -> dict[str, Any]:
+    """The matrix the client chose, named explicitly, so workers open it without judging the candidates again."""
+    if source == "raw.X":
+        return {"layer": None, "use_raw": True}
+    if source.startswith("layers["):
+        return {"layer": source[len("layers['"):-2], "use_raw": None}
+    return {"layer": None, "use_raw": False}
+
+
+def iter_annotated_dask(run: Run, scheduler: Any, *, chunk_size: int | None = None,
+                        progress: Callable[[int], None] | None = None) -> Iterator[AnnotationResult]:
+    """Block results of ``run``'s source computed on a Dask cluster, in input order."""
+    client, owned = connect(scheduler)
+    try:
+        ann = run.annotator
+        atlas_f, space_f = client.scatter([ann.atlas, run.space], broadcast=True, hash=False)
+        common = (atlas_f, space_f, run.values, run.gene_check, ann.model, ann.model_path, chunk_size)
+        src = run.src
+        size = block_size(chunk_size)
+        if getattr(src, "is_dask", False):
+            import dask
+
+            X = src.X.rechunk({0: size, 1: -1})
+            starts = np.concatenate([[0], np.cumsum(X.chunks[0])]).astype(int).tolist()
+            tasks = [dask.delayed(_score_array_block)(b, src.cell_ids(starts[i], starts[i + 1]), starts[i], *common)
+                     for i, b in enumerate(X.to_delayed().ravel())]
+            submit = lambda batch: client.compute(batch)  # noqa: E731 - one graph per batch of blocks
+        elif src.open_args is not None:
+            tasks = [(a, min(a + size, src.n_cells)) for a in range(0, src.n_cells, size)]
+            args = {**src.open_args, **_chosen(src.source)}
+            submit = lambda batch: [client.submit(_score_file_block, args, a, b, *common, pure=False) for a, b in batch]  # noqa: E731
+        else:
+            raise InputError("only dask arrays and files can be annotated on a Dask cluster", field="scheduler",
+                             fix="Pass adata with a dask X (anndata.experimental.read_elem_lazy) or a file path, or leave out scheduler.")
+        # At most two batches of one block per worker thread are in flight: results wait on the
+        # workers only until the blocks before them are written.
+        width = max(1, sum(client.nthreads().values()))
+        pending: deque = deque(submit(tasks[:width]))
+        nxt = width
+        while pending:
+            if len(pending) <= width and nxt < len(tasks):
+                pending.extend(submit(tasks[nxt:nxt + width]))
+                nxt += width
+            part = pending.popleft().result()
+            if progress:
+                progress(len(part))
+            yield part
+    finally:
+        if owned:
+            client.close()
