@@ -70,7 +70,7 @@ def test_build_roundtrip(small_atlas, isolated_home):
     at = small_atlas
     assert set(at.reference_labels) >= {"CD14+ Monocyte", "CD19+ B", "CD56+ NK"}
     assert at.meta["provenance"]["label_key"] == "bulk_labels"
-    assert at.meta["provenance"]["gene_report"]["values"] == "lognorm"
+    assert at.meta["provenance"]["sources"][0]["values"] == "lognorm"
     path = at.save(isolated_home / "atlases" / "pbmc68k-test")
     again = read_atlas(path)
     assert again.sha256 == hashlib.sha256(path.read_bytes()).hexdigest()

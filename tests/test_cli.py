@@ -46,7 +46,7 @@ def test_atlas_list_and_info():
 def test_atlas_build(small_h5ad, tmp_path, isolated_home):
     dest = tmp_path / "mini"
     r = runner.invoke(app, ["atlas", "build", str(small_h5ad), "--label-key", "bulk_labels", "--name", "mini",
-                            "-o", str(dest), "--calibrate-folds", "2", "--layout", "pca"])
+                            "-o", str(dest), "--fit-folds", "2", "--layout", "pca"])
     assert r.exit_code == 0, r.output
     assert (tmp_path / "mini.atlas.npz").exists() and "held-out accuracy" in r.output
     r = runner.invoke(app, ["atlas", "build", str(small_h5ad), "--label-key", "nope"])

@@ -31,7 +31,7 @@ from cellatlas.encoders.default import DefaultEncoder
 from cellatlas.errors import InputError
 from cellatlas.markers import derive_markers, load_curated_markers, load_labels, merge_markers
 from cellatlas.neighbours import neighbour_stats
-from cellatlas.sources import Source, measured_by_all, prepare_sources, stack
+from cellatlas.sources import Source, measured_by_all, prepare_sources, source_table, stack
 
 REFERENCE_KINDS = ("cells", "profiles")
 MIN_MARKERS = 3
@@ -156,7 +156,7 @@ def assemble(
     labels: np.ndarray,
     *,
     name: str,
-    batches: np.ndarray | None = None,
+    sources: tuple[np.ndarray, list[str], list[str]] | None = None,
     measured: set[str] | None = None,
     marker_labels: Sequence[str] = (),
     ontology: dict[str, str] | None = None,
@@ -170,6 +170,8 @@ def assemble(
 ) -> Atlas:
     """An atlas without layout or fusion model (the build and its held-out folds both use it).
 
+    ``sources``: the source of every cell (index), and the sources' names and kinds (``cells`` or
+    ``profiles``), recorded with the reference; highly variable genes are chosen per source.
     ``measured``: the genes every reference source measured (default: all of ``genes``). The
     encoder's panel is chosen among them, so that no reference cell looks different for a gene
     its dataset did not measure.
@@ -195,7 +197,9 @@ def assemble(
     marker_genes = {g for lab in ref_labels for g in sets[lab]["positive"]} & have
     cols = np.array([i for i, g in enumerate(genes) if g in have], dtype=np.int64)
     hvg_source = (label_means(counts, labels) if profiles else counts)[:, cols]
-    panel = sorted(set(_hvg(hvg_source, [genes[i] for i in cols], n_hvg, None if profiles else batches)) | marker_genes)
+    source_of, source_names, source_kinds = sources or (np.zeros(len(labels), int), ["reference"], [reference_kind])
+    batches = None if profiles else np.asarray(source_names, dtype=object)[source_of]
+    panel = sorted(set(_hvg(hvg_source, [genes[i] for i in cols], n_hvg, batches)) | marker_genes)
     every_marker = {g for lab in candidates for side in ("positive", "negative") for g in sets[lab][side]}
     every_marker |= {g for f in foils.values() for side in ("positive", "negative") for g in f[side]}
     # Marker genes the reference never measured are stored as zero columns: a reference's
@@ -219,6 +223,9 @@ def assemble(
         "ref_indptr": ref_counts.indptr.astype(np.int64),
         "ref_shape": np.asarray(ref_counts.shape, dtype=np.int64),
         "ref_layout": np.zeros((len(labels), 2), dtype=np.float32),
+        "ref_source": np.asarray(source_of, dtype=np.int16),
+        "ref_source_names": np.asarray(source_names, dtype=str),
+        "ref_source_kinds": np.asarray(source_kinds, dtype=str),
     }
     if model == "default":
         enc = DefaultEncoder.fit(panel_counts, panel, panel, n_pcs=n_pcs, transform=transform, scale=not profiles)
@@ -334,11 +341,9 @@ def build_from_sources(
         name=name, marker_labels=list(marker_labels), ontology=ontology or {}, model=model, encoder=encoder,
         n_hvg=n_hvg, n_pcs=n_pcs, transform=transform, reference_kind=reference_kind,
     )
-    batches = np.array([ref_parts[i].name for i in part], dtype=object)
     log("fitting encoder, markers and statistics")
-    atlas = assemble(counts, genes, labels, batches=batches, measured=measured_by_all(ref_parts), embedding=embedding, **kw)
-    atlas.arrays["ref_source"] = part.astype(np.int16)
-    atlas.arrays["ref_source_names"] = np.asarray([p.name for p in ref_parts], dtype=str)
+    atlas = assemble(counts, genes, labels, sources=source_table(ref_parts, part), measured=measured_by_all(ref_parts),
+                     embedding=embedding, **kw)
     emb = atlas.embedding(model)
     log("laying out the reference in 2-D")
     atlas.arrays["ref_layout"] = _layout(emb, seed, layout)

@@ -37,10 +37,11 @@ EPS = 1e-3
 
 FEATURES = (
     "marker_centred", "marker_z", "marker_z_unseen", "marker_log_coverage", "knn_log_vote", "reference_seen",
-    "unseen_log_count", "foil", "foil_log_count", "novel", "novel_x_best_marker_z", "novel_x_distance",
+    "knn_log_vote_real_cells", "reference_real_cells", "unseen_log_count", "foil", "foil_log_count", "novel", "novel_x_best_marker_z", "novel_x_distance",
     "novel_x_neighbour_label_z", "novel_x_marker_z_margin",
 )
 """Columns of the design matrix, one coefficient each (see :func:`design`)."""
+_COLUMN = {k: j for j, k in enumerate(FEATURES)}
 
 
 @dataclass
@@ -60,6 +61,9 @@ class Evidence:
         ``[n]`` log2(1 + number of the genes read that the cell expresses): how much evidence it can carry.
     seen
         ``[n_cand]`` whether reference cells carry the label or a label above it.
+    real
+        ``[n_cand]`` whether some of those are single cells (not pseudo-cells drawn from a profile):
+        neighbours among real cells of a type are better evidence than among pseudo-cells.
     coverage
         ``[n_cand + n_foil]`` share of each label's positive markers among the genes read.
     knn_top
@@ -76,6 +80,7 @@ class Evidence:
     seen: np.ndarray
     coverage: np.ndarray
     knn_top: np.ndarray
+    real: np.ndarray
     n_foil: int = 0
 
     @property
@@ -84,7 +89,7 @@ class Evidence:
 
     def take(self, rows: np.ndarray) -> "Evidence":
         return Evidence(self.raw_centred[rows], self.z[rows], self.knn[rows], self.distance[rows],
-                        self.log_expressed[rows], self.seen, self.coverage, self.knn_top[rows], self.n_foil)
+                        self.log_expressed[rows], self.seen, self.coverage, self.knn_top[rows], self.real, self.n_foil)
 
 
 def design(ev: Evidence) -> np.ndarray:
@@ -96,26 +101,30 @@ def design(ev: Evidence) -> np.ndarray:
     """
     n, c, f = ev.knn.shape[0], ev.n_cand, ev.n_foil
     X = np.zeros((n, c + f + 1, len(FEATURES)), dtype=np.float32)
+    i = _COLUMN
     seen = ev.seen.astype(np.float32)
+    real = (ev.real & ev.seen).astype(np.float32)
     unseen = np.r_[1.0 - seen, np.zeros(f, dtype=np.float32)]
-    n_unseen = max(float(unseen.sum()), 1.0)
-    X[:, : c + f, 0] = ev.raw_centred
-    X[:, : c + f, 1] = ev.z
-    X[:, : c + f, 2] = ev.z * np.r_[1.0 - seen, np.ones(f, dtype=np.float32)][None, :]
-    X[:, : c + f, 3] = np.log(np.maximum(ev.coverage, 0.05))[None, :]
-    X[:, :c, 4] = np.log(ev.knn + EPS) * seen[None, :]
-    X[:, :c, 5] = seen
-    X[:, : c + f, 6] = unseen * np.log(n_unseen)
-    X[:, c : c + f, 7] = 1.0
-    X[:, c : c + f, 8] = np.log(max(f, 1))
-    X[:, -1, 9] = 1.0
+    log_vote = np.log(ev.knn + EPS)
+    X[:, : c + f, i["marker_centred"]] = ev.raw_centred
+    X[:, : c + f, i["marker_z"]] = ev.z
+    X[:, : c + f, i["marker_z_unseen"]] = ev.z * np.r_[1.0 - seen, np.ones(f, dtype=np.float32)][None, :]
+    X[:, : c + f, i["marker_log_coverage"]] = np.log(np.maximum(ev.coverage, 0.05))[None, :]
+    X[:, :c, i["knn_log_vote"]] = log_vote * seen[None, :]
+    X[:, :c, i["reference_seen"]] = seen
+    X[:, :c, i["knn_log_vote_real_cells"]] = log_vote * real[None, :]
+    X[:, :c, i["reference_real_cells"]] = real
+    X[:, : c + f, i["unseen_log_count"]] = unseen * np.log(max(float(unseen.sum()), 1.0))
+    X[:, c : c + f, i["foil"]] = 1.0
+    X[:, c : c + f, i["foil_log_count"]] = np.log(max(f, 1))
+    X[:, -1, i["novel"]] = 1.0
     if c:
-        X[:, -1, 10] = ev.z[:, :c].max(axis=1)
-        X[:, -1, 11] = ev.distance
         rows = np.arange(n)
-        X[:, -1, 12] = ev.z[rows, np.where(ev.seen[None, :], ev.knn, -1.0).argmax(axis=1)]
+        X[:, -1, i["novel_x_best_marker_z"]] = ev.z[:, :c].max(axis=1)
+        X[:, -1, i["novel_x_distance"]] = ev.distance
+        X[:, -1, i["novel_x_neighbour_label_z"]] = ev.z[rows, np.where(ev.seen[None, :], ev.knn, -1.0).argmax(axis=1)]
         top2 = np.partition(ev.z[:, :c], -2, axis=1)[:, -2:] if c > 1 else np.hstack([ev.z[:, :c], ev.z[:, :c]])
-        X[:, -1, 13] = top2.max(axis=1) - top2.min(axis=1)
+        X[:, -1, i["novel_x_marker_z_margin"]] = top2.max(axis=1) - top2.min(axis=1)
     return X
 
 

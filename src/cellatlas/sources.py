@@ -200,6 +200,11 @@ def stack(parts: Sequence[Prepared]) -> tuple[sp.csr_matrix, list[str], np.ndarr
     return counts, genes, labels, part
 
 
+def source_table(parts: Sequence[Prepared], part: np.ndarray) -> tuple[np.ndarray, list[str], list[str]]:
+    """``(source index of every stacked row, source names, source kinds)`` for :func:`cellatlas.atlas_build.assemble`."""
+    return np.asarray(part), [p.name for p in parts], [p.kind for p in parts]
+
+
 def measured_by_all(parts: Sequence[Prepared]) -> set[str]:
     """Genes every part measured."""
     return set.intersection(*(set(p.genes) for p in parts)) if parts else set()

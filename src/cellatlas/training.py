@@ -35,7 +35,7 @@ from cellatlas.atlas import Atlas
 from cellatlas.errors import CellAtlasError
 from cellatlas.markers import load_labels
 from cellatlas.neighbours import thin
-from cellatlas.sources import NOVEL, Prepared, stack
+from cellatlas.sources import NOVEL, Prepared, source_table, stack
 
 GROUP_KEYS = ("donor", "batch", "sample", "sample_id")
 DROP_FRACTION = 0.1
@@ -156,7 +156,7 @@ def _score(atlas: Atlas, part: Prepared, rows: np.ndarray, model: str, encoder, 
         out.append(Cases(ev, truth, weight * VARIANT_WEIGHT[variant], part.name, variant, rt.hierarchy))
         if variant == "as sent":  # the same cells read by their markers alone (a query with too few panel genes)
             blind = fusion.Evidence(ev.raw_centred, ev.z, np.zeros_like(ev.knn), np.zeros_like(ev.distance), ev.log_expressed,
-                                    np.zeros_like(ev.seen), ev.coverage, np.full(len(ev.knn_top), -1), ev.n_foil)
+                                    np.zeros_like(ev.seen), ev.coverage, np.full(len(ev.knn_top), -1), ev.real, ev.n_foil)
             out.append(Cases(blind, truth, weight * VARIANT_WEIGHT["markers only"], part.name, "markers only", rt.hierarchy))
     return out
 
@@ -225,8 +225,7 @@ def fit_fusion(
         counts, genes, labs, part = stack(parts)
         kw = dict(assemble_kw)
         emb = None if embedding is None else embedding[np.concatenate([offsets[i] + r for i, r in enumerate(train)])]
-        sub = assemble(counts, genes, labs, batches=np.array([parts[i].name for i in part], dtype=object),
-                       measured=measured_by_all(parts), embedding=emb, **kw)
+        sub = assemble(counts, genes, labs, sources=source_table(parts, part), measured=measured_by_all(parts), embedding=emb, **kw)
         for p, rows in tests:
             rows = rows[_sample(p.labels[rows], rng)]
             cases += _score(sub, p, rows, model, encoder, rng, parents)

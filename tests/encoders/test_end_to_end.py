@@ -60,7 +60,7 @@ def cli_atlas(split, env, geneformer_dir, fast_layout, tmp_path_factory):
     out = env / "atlases" / "pbmc-gf.atlas.npz"
     res = CliRunner().invoke(app, [
         "atlas", "build", str(ref_file), "--label-key", "cell_type", "--name", "pbmc-gf", "--model", "geneformer",
-        "--model-path", str(geneformer_dir), "--calibrate-folds", "2", "-o", str(out),
+        "--model-path", str(geneformer_dir), "--fit-folds", "2", "-o", str(out),
     ])
     assert res.exit_code == 0, res.output
     return out
