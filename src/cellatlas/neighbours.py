@@ -8,7 +8,8 @@ downsampled to each query cell's own depth (:class:`DepthMatchedIndex`).
 from __future__ import annotations
 
 import threading
-from typing import Any, Callable
+from contextlib import contextmanager
+from typing import Any, Callable, Iterator
 
 import faiss
 import numpy as np
@@ -34,6 +35,27 @@ if faiss.cvar.distance_compute_blas_threshold > FAISS_BLAS_THRESHOLD:
     faiss.cvar.distance_compute_blas_threshold = FAISS_BLAS_THRESHOLD
 
 
+@contextmanager
+def faiss_threads(n: int = 1) -> Iterator[None]:
+    """Let faiss use ``n`` OpenMP threads in the calling thread for the duration (restored after).
+
+    The engine scores chunks in its own threads, each searching one chunk: faiss's default
+    (one OpenMP thread per core inside every search) then runs cores x threads busy-waiting
+    threads, which cost 40% of the CPU time of a whole annotation on a loaded 2-core machine
+    (``benchmarks/throughput.py``). OpenMP's thread count is per calling thread, so this
+    changes nothing for other threads or for the user's own faiss calls.
+    """
+    prev = faiss.omp_get_max_threads()
+    if prev == n:
+        yield
+        return
+    faiss.omp_set_num_threads(n)
+    try:
+        yield
+    finally:
+        faiss.omp_set_num_threads(prev)
+
+
 STATS_MAX_CELLS = 1500
 """Reference cells whose neighbour distances estimate the statistics (all of them up to this many;
 a seeded sample beyond, so a 100,000-cell level costs 1,500 searches, not 100,000: a median and a
@@ -48,7 +70,8 @@ def neighbour_stats(emb: np.ndarray, k: int = fusion.K_NEIGHBOURS, max_cells: in
     queries = emb
     if len(emb) > max_cells:
         queries = emb[np.sort(np.random.default_rng(0).choice(len(emb), max_cells, replace=False))]
-    sim, _ = index.search(queries, k + 1)
+    with faiss_threads(1):
+        sim, _ = index.search(queries, k + 1)
     d = (1.0 - sim[:, 1:]).mean(axis=1)
     med = float(np.median(d))
     return {"median": med, "mad": float(np.median(np.abs(d - med))), "bandwidth": max(med, 1e-3)}
@@ -131,6 +154,7 @@ class DepthMatchedIndex:
         for lv in np.unique(level):
             rows = np.nonzero(level == lv)[0]
             index, stats = self.level(int(lv))
-            sim[rows], idx[rows] = index.search(emb[rows], k)
+            with faiss_threads(1):
+                sim[rows], idx[rows] = index.search(emb[rows], k)
             z[rows] = fusion.ood_z((1.0 - sim[rows]).mean(axis=1), stats["median"], stats["mad"])
         return sim, idx, z

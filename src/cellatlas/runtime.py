@@ -26,7 +26,7 @@ from cellatlas.encoders import get_encoder
 from cellatlas.encoders.default import DefaultEncoder
 from cellatlas.errors import AtlasModelMismatchError, GeneMismatchError
 from cellatlas.markers import compile_markers, marker_null_z, rank_scores, score_markers
-from cellatlas.neighbours import DepthMatchedIndex, neighbour_stats, thin
+from cellatlas.neighbours import DepthMatchedIndex, faiss_threads, neighbour_stats, thin
 from cellatlas.result import Alternates
 from cellatlas.sparse import ColumnPlan
 
@@ -293,7 +293,8 @@ class AtlasRuntime:
         k = min(fusion.K_NEIGHBOURS, self.index.ntotal)
         if self.depth_index is not None:
             return self.depth_index.search(emb, depth, k)
-        sim, idx = self.index.search(np.ascontiguousarray(emb, dtype=np.float32), k)
+        with faiss_threads(1):
+            sim, idx = self.index.search(np.ascontiguousarray(emb, dtype=np.float32), k)
         return sim, idx, fusion.ood_z((1.0 - sim).mean(axis=1), self.dist["median"], self.dist["mad"])
 
     def _foundation_embed(self, counts: sp.csr_matrix) -> np.ndarray:
