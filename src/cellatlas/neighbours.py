@@ -119,10 +119,14 @@ class DepthMatchedIndex:
         Reference counts over the same genes.
     base_index, base_stats
         The full-depth index and its :func:`neighbour_stats` (level 0).
+    store
+        A :class:`~cellatlas.runtime_store.RuntimeStore` where built levels are kept (and
+        looked up first): later processes and Dask workers then skip building them.
     """
 
-    def __init__(self, embed: Callable[[sp.csr_matrix], np.ndarray], ref_counts: sp.csr_matrix, base_index, base_stats: dict[str, float]):
-        self._embed, self._ref = embed, ref_counts
+    def __init__(self, embed: Callable[[sp.csr_matrix], np.ndarray], ref_counts: sp.csr_matrix, base_index, base_stats: dict[str, float],
+                 store=None):
+        self._embed, self._ref, self._store = embed, ref_counts, store
         self.median_depth = float(np.median(np.asarray(ref_counts.sum(axis=1)).ravel()))
         self.n_levels = KNN_DEPTH_LEVELS
         self._levels: dict[int, tuple[Any, dict[str, float]]] = {0: (base_index, base_stats)}
@@ -137,12 +141,33 @@ class DepthMatchedIndex:
         """The faiss index and neighbour statistics of level ``lv`` (built once, thread-safe)."""
         with self._lock:
             if lv not in self._levels:
-                target = self.median_depth * 2.0 ** (-lv * KNN_DEPTH_STEP)
-                emb = np.ascontiguousarray(self._embed(downsample(self._ref, target, seed=lv)), dtype=np.float32)
-                index = faiss.IndexFlatIP(emb.shape[1])
-                index.add(emb)
-                self._levels[lv] = (index, neighbour_stats(emb))
+                self._levels[lv] = self._stored(lv) or self._build(lv)
             return self._levels[lv]
+
+    def build_all(self) -> None:
+        """Build (or load) every level now, e.g. before sending them to Dask workers."""
+        for lv in range(self.n_levels):
+            self.level(lv)
+
+    def _build(self, lv: int) -> tuple[Any, dict[str, float]]:
+        target = self.median_depth * 2.0 ** (-lv * KNN_DEPTH_STEP)
+        emb = np.ascontiguousarray(self._embed(downsample(self._ref, target, seed=lv)), dtype=np.float32)
+        index = faiss.IndexFlatIP(emb.shape[1])
+        index.add(emb)
+        stats = neighbour_stats(emb)
+        if self._store is not None:
+            from cellatlas.runtime_store import pack_json
+
+            self._store.put(f"level{lv}", {"index": faiss.serialize_index(index), "stats": pack_json(stats)})
+        return index, stats
+
+    def _stored(self, lv: int) -> tuple[Any, dict[str, float]] | None:
+        group = self._store.get(f"level{lv}") if self._store is not None else None
+        if group is None:
+            return None
+        from cellatlas.runtime_store import unpack_json
+
+        return faiss.deserialize_index(np.asarray(group["index"], dtype=np.uint8)), unpack_json(group["stats"])
 
     def search(self, emb: np.ndarray, depth: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Similarities, reference indices and robust distance z of each cell's ``k`` neighbours at its depth."""

@@ -28,6 +28,7 @@ from cellatlas.errors import AtlasModelMismatchError, GeneMismatchError
 from cellatlas.markers import compile_markers, marker_null_z, rank_scores, score_markers
 from cellatlas.neighbours import DepthMatchedIndex, faiss_threads, neighbour_stats, thin
 from cellatlas.result import Alternates
+from cellatlas.runtime_store import RuntimeStore, pack_json, runtime_key, unpack_json
 from cellatlas.sparse import ColumnPlan
 
 MIN_SHARED_PANEL = 0.05
@@ -103,12 +104,20 @@ class Scored:
 
 
 class AtlasRuntime:
-    """Score cells against ``atlas`` with ``model`` for a query whose genes are ``genes``."""
+    """Score cells against ``atlas`` with ``model`` for a query whose genes are ``genes``.
 
-    def __init__(self, atlas: Atlas, model: str, genes: Sequence[str], *, model_path=None, encoder=None):
+    What does not depend on the cells (a refitted encoder, marker centres, depth levels) is
+    kept in a :class:`~cellatlas.runtime_store.RuntimeStore`: read from ``CELLATLAS_HOME``
+    when an earlier process computed it, or from ``preloaded`` (a Dask client's
+    :meth:`precomputed`).
+    """
+
+    def __init__(self, atlas: Atlas, model: str, genes: Sequence[str], *, model_path=None, encoder=None,
+                 preloaded: dict | None = None):
         self.atlas, self.model, self.genes = atlas, model, list(genes)
         meta = atlas.stats(model)
         self.report: dict[str, Any] = {}
+        self.store = RuntimeStore(runtime_key(atlas.sha256, model, self.genes), preloaded=preloaded)
         if model == "default":
             self._init_default(atlas, meta)
         else:
@@ -135,9 +144,16 @@ class AtlasRuntime:
         # The default encoder can embed downsampled reference cells on the fly; foundation
         # models search the stored full-depth embedding only.
         self.depth_index = (
-            DepthMatchedIndex(lambda x: self.encoder.embed(x, self.universe), self._ref_universe, self.index, self.dist)
+            DepthMatchedIndex(lambda x: self.encoder.embed(x, self.universe), self._ref_universe, self.index, self.dist,
+                              store=self.store)
             if model == "default" and self.index is not None else None
         )
+
+    def precomputed(self) -> dict:
+        """Everything this runtime precomputes, every depth level built: what a Dask client sends its workers."""
+        if self.depth_index is not None:
+            self.depth_index.build_all()
+        return self.store.export()
 
     # ------------------------------------------------------------------ setup
     def _init_default(self, atlas: Atlas, meta: dict) -> None:
@@ -162,14 +178,21 @@ class AtlasRuntime:
         # Some panel genes are missing: refit on every gene the query shares with the stored
         # reference (panel + marker genes), never zero-filling the missing ones.
         genes = [g for g in core_genes(atlas) if g in have]
-        gi = {g: i for i, g in enumerate(atlas.ref_genes)}
-        ref = atlas.reference_counts()[:, np.array([gi[g] for g in genes])]
-        self.encoder = DefaultEncoder.fit(
-            ref, genes, genes, n_pcs=int(state["components"].shape[0]), transform=str(state["transform"]),
-            scale=bool(state.get("scaled", True)),
-        )
-        self.ref_emb = self.encoder.embed(ref, genes)
-        self.dist = neighbour_stats(self.ref_emb)
+        stored = self.store.get("refit")
+        if stored is not None:
+            self.encoder = DefaultEncoder.from_state({k[len("state__"):]: v for k, v in stored.items() if k.startswith("state__")})
+            self.ref_emb, self.dist = stored["ref_emb"], unpack_json(stored["dist"])
+        else:
+            gi = {g: i for i, g in enumerate(atlas.ref_genes)}
+            ref = atlas.reference_counts()[:, np.array([gi[g] for g in genes])]
+            self.encoder = DefaultEncoder.fit(
+                ref, genes, genes, n_pcs=int(state["components"].shape[0]), transform=str(state["transform"]),
+                scale=bool(state.get("scaled", True)),
+            )
+            self.ref_emb = self.encoder.embed(ref, genes)
+            self.dist = neighbour_stats(self.ref_emb)
+            self.store.put("refit", {**{f"state__{k}": v for k, v in self.encoder.state().items()},
+                                     "ref_emb": self.ref_emb, "dist": pack_json(self.dist)})
         self.report.update({"panel_adapted": True, "adapted_panel_genes": len(genes)})
 
     def _init_labels(self, atlas: Atlas) -> None:
@@ -209,7 +232,12 @@ class AtlasRuntime:
         for j, nd in enumerate(option_nodes):
             if nd >= 0:
                 related[:, j] = h.above[node_of_cell, nd] | h.above[nd, node_of_cell]
-        self.marker_centre = np.stack([marker_centre(raw, related) for raw in depth_level_scores(ref, self.compiled)])  # [levels, options]
+        stored = self.store.get("centre")
+        if stored is not None:
+            self.marker_centre = stored["marker_centre"]
+        else:
+            self.marker_centre = np.stack([marker_centre(raw, related) for raw in depth_level_scores(ref, self.compiled)])  # [levels, options]
+            self.store.put("centre", {"marker_centre": self.marker_centre})
         self.ontology = np.array(
             [labels["ontology_id"].get(n, "") if isinstance(labels["ontology_id"].get(n, ""), str) else "" for n in h.nodes],
             dtype=object,

@@ -68,7 +68,9 @@ class DefaultEncoder:
         self.panel = [str(g) for g in panel]
         self.mean = np.asarray(mean, dtype=np.float32)
         self.std = np.asarray(std, dtype=np.float32)
-        self.components = np.asarray(components, dtype=np.float32)
+        # C order whatever the source (a fitted SVD's strided view, an array read from a file), so
+        # the weights below round alike for an encoder fitted here and one read back from its state.
+        self.components = np.ascontiguousarray(components, dtype=np.float32)
         self.transform = transform
         self.scaled = bool(scaled)
         self._index = {g: i for i, g in enumerate(self.panel)}
