@@ -71,7 +71,8 @@ def cell_qc(X: sp.csr_matrix, mito: np.ndarray) -> CellQC:
     mito
         Boolean mask of the mitochondrial columns (:func:`mito_mask`).
     """
-    X = sp.csr_matrix(X)  # may share the caller's arrays: never modified in place
+    if not isinstance(X, sp.csr_matrix):  # a CSR block is read as it is: re-wrapping copies a view's arrays
+        X = sp.csr_matrix(X)
     if _has_duplicates(X):
         X = X.copy()
         X.sum_duplicates()
@@ -89,20 +90,28 @@ def cell_qc(X: sp.csr_matrix, mito: np.ndarray) -> CellQC:
 
 
 def _has_duplicates(X: sp.csr_matrix) -> bool:
-    """Whether some row names a column twice, without sorting or copying the matrix.
+    """Whether some row names a column twice, without copying the matrix.
 
-    Sorted rows are checked by scipy in one pass; unsorted ones (e.g. 10x v1 matrices
-    converted from R) by one stable sort of ``row * n_cols + column`` keys, which is
-    nearly linear because rows come in order.
+    Sorted rows are checked in one pass (scipy's own check, on the arrays: a new matrix
+    object over a block's views would copy them); unsorted ones (e.g. 10x v1 matrices
+    converted from R) by one stable sort of ``row * n_cols + column`` keys, nearly linear
+    because rows come in order.
     """
-    Y = sp.csr_matrix((X.data, X.indices, X.indptr), shape=X.shape, copy=False)  # fresh format flags
-    if Y.has_canonical_format:
-        return False
-    if Y.has_sorted_indices:
-        return True  # sorted but not strictly increasing
-    wide = np.int32 if X.shape[0] * X.shape[1] < 2**31 else np.int64
-    key = np.repeat(np.arange(X.shape[0], dtype=wide) * wide(X.shape[1]), np.diff(X.indptr))
-    key += X.indices
+    n, indptr, indices = X.shape[0], X.indptr, X.indices
+    if indptr.dtype != indices.dtype:
+        indptr = indptr.astype(indices.dtype)
+    try:
+        from scipy.sparse import _sparsetools
+
+        if _sparsetools.csr_has_canonical_format(n, indptr, indices):
+            return False
+        if _sparsetools.csr_has_sorted_indices(n, indptr, indices):
+            return True  # sorted but not strictly increasing
+    except (ImportError, AttributeError, TypeError, ValueError):  # pragma: no cover - scipy's private helpers moved
+        pass
+    wide = np.int32 if n * X.shape[1] < 2**31 else np.int64
+    key = np.repeat(np.arange(n, dtype=wide) * wide(X.shape[1]), np.diff(indptr))
+    key += indices
     key.sort(kind="stable")
     return bool((key[1:] == key[:-1]).any())
 
