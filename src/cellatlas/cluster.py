@@ -21,7 +21,8 @@ from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 import numpy as np
 
-from cellatlas.annotate import Annotator, block_size
+from cellatlas.annotate import Annotator
+from cellatlas.config import get_settings
 from cellatlas.errors import InputError
 from cellatlas.query import GeneSpace, prepare_query
 from cellatlas.result import AnnotationResult
@@ -119,7 +120,9 @@ def iter_annotated_dask(run: Run, scheduler: Any, *, chunk_size: int | None = No
         atlas_f, space_f, pre_f = client.scatter([ann.atlas, run.space, ann.rt.precomputed()], broadcast=True, hash=False)
         common = (atlas_f, space_f, run.values, run.gene_check, ann.model, ann.model_path, chunk_size, pre_f)
         src = run.src
-        size = block_size(chunk_size)
+        # One engine chunk per task (not one per client thread): the blocks spread evenly over
+        # the workers, and a worker with several cores still splits each block among them.
+        size = int(chunk_size or get_settings().chunk_size)
         if getattr(src, "is_dask", False):
             import dask
 
