@@ -134,8 +134,7 @@ class AtlasRuntime:
             self.report["model_gene_coverage"] = round(float(self.encoder.gene_coverage(self.genes)), 4)
         self.index = None
         if self.ref_emb is not None:
-            self.index = faiss.IndexFlatIP(self.ref_emb.shape[1])
-            self.index.add(np.ascontiguousarray(self.ref_emb, dtype=np.float32))
+            self.index, self.report["neighbour_index"] = self._base_index(atlas, model)
         self.ref_codes = atlas.ref_codes.astype(np.int64)
         self.layout_ref = atlas.arrays["ref_layout"].astype(np.float32)
         self.model_fusion = fusion.FusionModel.from_dict(meta.get("fusion"))
@@ -145,9 +144,11 @@ class AtlasRuntime:
         # models search the stored full-depth embedding only.
         self.depth_index = (
             DepthMatchedIndex(lambda x: self.encoder.embed(x, self.universe), self._ref_universe, self.index, self.dist,
-                              store=self.store)
+                              store=self.store, approximate=self.report["neighbour_index"]["kind"] != "flat")
             if model == "default" and self.index is not None else None
         )
+        if self.depth_index is not None and self.depth_index._approximate:
+            self.report["neighbour_index"]["level_recall_at_15"] = self.depth_index.recall  # filled as levels are built
 
     def precomputed(self) -> dict:
         """Everything this runtime precomputes, every depth level built: what a Dask client sends its workers."""
@@ -156,6 +157,32 @@ class AtlasRuntime:
         return self.store.export()
 
     # ------------------------------------------------------------------ setup
+    def _base_index(self, atlas: Atlas, model: str) -> tuple[Any, dict[str, Any]]:
+        """The reference's faiss index: the atlas's stored approximate index, or an exact one.
+
+        A refitted encoder (some panel genes missing) re-embeds the reference; a large
+        reference's index is then rebuilt and tuned like the atlas build's (kept in the store).
+        """
+        from cellatlas import refindex
+
+        info = dict(atlas.index_info(model))
+        if not self.report.get("panel_adapted"):
+            stored = atlas.reference_index(model)
+            if stored is not None:
+                return stored, info
+            info = {"kind": "flat"}
+        elif info.get("kind") != "flat":
+            group = self.store.get("refit_index")
+            if group is not None:
+                info = unpack_json(group["info"])
+                return refindex.deserialize(group["index"], info), info
+            index, info = refindex.make(self.ref_emb, spec=refindex.choose(*self.ref_emb.shape))
+            self.store.put("refit_index", {"index": refindex.serialize(index), "info": pack_json(info)})
+            return index, info
+        index = faiss.IndexFlatIP(self.ref_emb.shape[1])
+        index.add(np.ascontiguousarray(self.ref_emb, dtype=np.float32))
+        return index, {"kind": "flat"}
+
     def _init_default(self, atlas: Atlas, meta: dict) -> None:
         panel = atlas.panel
         have = set(self.genes)

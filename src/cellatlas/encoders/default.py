@@ -26,6 +26,10 @@ from cellatlas.sparse import ColumnPlan
 
 TARGET_SUM = 1e4
 TRANSFORMS = ("log1p", "rank")
+FIT_MAX_CELLS = 50_000
+"""The principal axes of a larger reference are fitted on a seeded sample of this many cells (the
+dense centred matrix of every cell would take 4 bytes x cells x panel genes: 8 GB for 1M cells);
+gene means and scales are still taken over every cell."""
 
 
 def _transform(counts: sp.csr_matrix, transform: str, copy: bool = True) -> sp.csr_matrix:
@@ -107,7 +111,9 @@ class DefaultEncoder:
         std = np.sqrt(np.maximum(sq - mean**2, 0.0))
         std = np.maximum(std, 1e-2 if transform == "rank" else 1e-1) if scale else np.ones_like(mean)
         k = int(min(n_pcs, n - 1, len(panel) - 1))
-        # Centre/scale densely in float32: the reference is small (bounded at build time).
+        # Centre/scale densely in float32, at most FIT_MAX_CELLS cells (all of them up to that size).
+        if n > FIT_MAX_CELLS:
+            x = x[np.sort(np.random.default_rng(seed).choice(n, FIT_MAX_CELLS, replace=False))]
         z = (x.toarray() - mean) / std
         from sklearn.utils.extmath import randomized_svd
 
