@@ -11,9 +11,10 @@ are identical. Each size runs in a fresh worker process so its peak RSS is its o
 * warm: ``cellatlas.annotate(X, genes)`` again ``--repeats`` times on the built-in
   atlas (runtime cached): median seconds, cells/s, and per-cell microseconds;
 * stages: one more warm run, in one thread (``CELLATLAS_THREADS=1``), with timers
-  wrapped around the engine's functions (exclusive time: prepare_query, column
-  selection, embed, kNN search, kNN vote + OOD, markers, fusion + calibration,
-  per-cell details, other), nothing in ``src/`` edited;
+  wrapped around the engine's functions (exclusive time: validation and value detection,
+  gene-list check, column selection, QC facts, embed, kNN search, kNN vote, marker
+  evidence, fusion model, calls + confidence, per-cell details, other), nothing in
+  ``src/`` edited;
 * peak RSS of the worker (``ru_maxrss``) and its RSS before the matrix was made.
 
 Writes ``throughput.json`` and ``throughput.md`` and prints the table.
@@ -83,25 +84,35 @@ class StageTimer:
 
 
 def _targets(rt) -> list[tuple[object, str, str]]:
-    """(owner, attribute, stage) of every engine function timed (missing ones are skipped)."""
+    """(owner, attribute, stage) of every engine function timed; a name that no longer exists fails loudly."""
+    import cellatlas.calls as calls
     import cellatlas.fusion as fusion
+    import cellatlas.io as cio
+    import cellatlas.query as query
     import cellatlas.runtime as runtime
+    from cellatlas.neighbours import DepthMatchedIndex
     from cellatlas.result import AnnotationResult
     from cellatlas.sparse import ColumnPlan
 
     ann = sys.modules["cellatlas.annotate"]  # the attribute ``cellatlas.annotate`` is the function
 
-    t = [(ann, "prepare_query", "prepare_query"), (ann, "get_runtime", "runtime lookup"),
-         (ColumnPlan, "apply", "column selection"),
+    t = [(ann, "prepare_query", "prepare_query (other)"), (cio, "validate_matrix", "validate + values"),
+         (cio, "detect_values", "validate + values"), (cio, "to_counts_like", "validate + values"),
+         (query, "run_gene_check", "gene-list check"), (ann, "get_runtime", "runtime lookup"),
+         (ColumnPlan, "apply", "column selection"), (query, "cell_qc", "QC facts"), (ann, "unassigned_reasons", "QC facts"),
          (type(rt.encoder), "embed", "embed"), (type(rt.index), "search", "kNN search"),
-         (fusion, "knn_vote", "kNN vote + OOD"), (fusion, "ood_score", "kNN vote + OOD"),
-         (fusion, "marker_ood", "kNN vote + OOD"), (fusion, "spread_knn", "kNN vote + OOD"),
-         (runtime, "rank_scores", "markers"), (runtime, "score_markers", "markers"), (fusion, "marker_probs", "markers"),
-         (fusion, "fuse", "fusion + calibration"), (fusion, "hierarchical_call", "fusion + calibration"),
-         (fusion, "calibration_features", "fusion + calibration"), (fusion, "apply_calibration", "fusion + calibration"),
+         (DepthMatchedIndex, "search", "kNN search"), (DepthMatchedIndex, "level", "depth levels (first use)"),
+         (fusion, "knn_vote", "kNN vote"), (fusion, "ood_z", "kNN vote"),
+         (runtime, "rank_scores", "marker evidence"), (runtime, "score_markers", "marker evidence"),
+         (runtime, "marker_null_z", "marker evidence"),
+         (fusion, "design", "fusion model"), (fusion, "softmax", "fusion model"),
+         (fusion.FusionModel, "marker_probabilities", "fusion model"), (calls, "decide", "calls + confidence"),
          (type(rt), "alternates", "per-cell details"), (type(rt), "expressed_markers", "per-cell details"),
          (type(rt), "layout", "per-cell details"), (AnnotationResult, "concat", "per-cell details")]
-    return [(o, a, s) for o, a, s in t if hasattr(o, a)]
+    missing = [f"{getattr(o, '__name__', o)}.{a}" for o, a, _ in t if not hasattr(o, a)]
+    if missing:
+        raise SystemExit(f"throughput.py times engine functions that no longer exist: {', '.join(missing)}; update _targets")
+    return t
 
 
 @contextmanager

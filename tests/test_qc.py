@@ -140,3 +140,37 @@ def test_cell_qc_sums_duplicate_entries_without_touching_the_input():
     assert qc.n_genes.tolist() == [2, 0, 1] and qc.total_counts.tolist() == [6, 0, 4]
     np.testing.assert_array_equal(X.data, data)
     np.testing.assert_array_equal(X.indices, indices)
+
+
+@pytest.mark.parametrize("layout", ["sorted", "shuffled", "duplicates", "sorted duplicates", "stored zeros"])
+def test_cell_qc_equals_the_dense_count_whatever_the_row_layout(layout):
+    """The fast path (no copy, no sort unless a row names a gene twice) agrees with a dense reference."""
+    rng = np.random.default_rng(3)
+    D = (rng.random((40, 30)) < 0.3) * rng.integers(1, 9, (40, 30)).astype(np.float32)
+    D[5] = 0
+    X = sp.csr_matrix(D)
+    if layout in ("shuffled", "duplicates"):
+        for r in range(X.shape[0]):  # permute each row's entries
+            a, b = X.indptr[r], X.indptr[r + 1]
+            p = a + rng.permutation(b - a)
+            X.indices[a:b], X.data[a:b] = X.indices[p], X.data[p]
+        X.has_sorted_indices = False
+    if "duplicates" in layout:  # split every third entry into two halves naming the same column
+        coo = X.tocoo()
+        pick = np.arange(coo.nnz) % 3 == 0
+        half = coo.data[pick] / 2
+        rows = np.r_[coo.row, coo.row[pick]]
+        cols = np.r_[coo.col, coo.col[pick]]
+        vals = np.r_[np.where(pick, coo.data / 2, coo.data), half]
+        order = np.argsort(rows, kind="stable") if layout == "duplicates" else np.lexsort((cols, rows))
+        X = sp.csr_matrix((vals[order], cols[order], np.r_[0, np.cumsum(np.bincount(rows, minlength=40))]), shape=(40, 30))
+    if layout == "stored zeros":
+        X.data[::4] = 0
+        D = X.toarray()
+    mito = np.zeros(30, bool)
+    mito[[1, 7]] = True
+    qc = cell_qc(X, mito)
+    np.testing.assert_allclose(qc.total_counts, D.sum(axis=1), rtol=1e-6)
+    assert qc.n_genes.tolist() == (D > 0).sum(axis=1).tolist()
+    mt = D[:, mito].sum(axis=1)
+    np.testing.assert_allclose(qc.pct_mito, np.where(D.sum(axis=1) > 0, 100 * mt / np.maximum(D.sum(axis=1), 1), 0), rtol=1e-5)

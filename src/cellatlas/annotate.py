@@ -9,6 +9,7 @@ returns an :class:`~cellatlas.result.AnnotationResult` in input order.
 from __future__ import annotations
 
 import time
+import weakref
 from concurrent.futures import ThreadPoolExecutor
 from functools import lru_cache
 from importlib.metadata import version as _pkg_version
@@ -84,7 +85,24 @@ class Annotator:
             check_atlas_coverage(columns.mapping, self.atlas)
         self.rt = runtime or get_runtime(self.atlas, self.model, list(columns.genes), model_path)
         self.plan = column_plan(columns.colmap, len(columns.genes), self.rt.q_cols)
+        self._pool: ThreadPoolExecutor | None = None
+        self._pool_size = 0
         self.setup_seconds = time.perf_counter() - t0
+
+    def _threads(self, threads: int) -> ThreadPoolExecutor:
+        """This dataset's engine threads, started once and reused by every block (a pool per
+        block started new threads, and new malloc arenas with them, block after block)."""
+        if self._pool is None or self._pool_size != threads:
+            self.close()
+            self._pool, self._pool_size = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="cellatlas-engine"), threads
+            weakref.finalize(self, self._pool.shutdown, wait=False)
+        return self._pool
+
+    def close(self) -> None:
+        """Stop the engine threads (also done when the annotator is garbage-collected)."""
+        if self._pool is not None:
+            self._pool.shutdown(wait=False)
+            self._pool = None
 
     def score(self, query: Query, *, chunk_size: int | None = None, threads: int | None = None,
               progress: Callable[[int], None] | None = None) -> AnnotationResult:
@@ -109,11 +127,10 @@ class Annotator:
                     progress(len(parts[-1]))
             return AnnotationResult.concat(parts)
         parts = []
-        with ThreadPoolExecutor(max_workers=min(threads, len(chunks))) as pool:
-            for part in pool.map(lambda rows: _annotate_chunk(rt, query, self.plan, rows), chunks):
-                parts.append(part)
-                if progress:
-                    progress(len(part))
+        for part in self._threads(threads).map(lambda rows: _annotate_chunk(rt, query, self.plan, rows), chunks):
+            parts.append(part)
+            if progress:
+                progress(len(part))
         return AnnotationResult.concat(parts)
 
     def provenance(self, n_cells: int, seconds: float, *, cluster_vote: bool = False, changed: int | None = None,
@@ -159,7 +176,10 @@ def annotate_query(
         done[0] += cells
         progress(done[0], n)
 
-    res = engine.score(query, chunk_size=chunk_size, progress=step if progress else None)
+    try:
+        res = engine.score(query, chunk_size=chunk_size, progress=step if progress else None)
+    finally:
+        engine.close()
     changed = None
     if cluster_vote:
         from cellatlas.voting import majority_vote

@@ -134,6 +134,21 @@ class Atlas:
         prefix = f"model__{model}__state__"
         return {k[len(prefix):]: v for k, v in self.arrays.items() if k.startswith(prefix)}
 
+    def index_info(self, model: str) -> dict[str, Any]:
+        """How the reference embedding of ``model`` is indexed (:mod:`cellatlas.refindex`): kind,
+        and for an approximate index its parameters and the recall@15 measured at build time.
+        Atlases built before indexes were recorded search exactly (``{"kind": "flat"}``)."""
+        return self._model_meta(model).get("index") or {"kind": "flat"}
+
+    def reference_index(self, model: str):
+        """The approximate faiss index stored for ``model``, or ``None`` (then an exact one is built)."""
+        key = f"model__{model}__index"
+        if key not in self.arrays:
+            return None
+        from cellatlas.refindex import deserialize
+
+        return deserialize(self.arrays[key], self.index_info(model))
+
     def stats(self, model: str) -> dict[str, Any]:
         """Neighbour-distance statistics and the fitted fusion model for ``model``."""
         return self._model_meta(model)
@@ -165,6 +180,7 @@ class Atlas:
                 for lab, row in labels.iterrows()
             ],
             "fusion": {m: self.meta["models"][m].get("fusion", {}).get("summary", {}).get("by_variant") for m in self.models},
+            "index": {m: self.index_info(m) for m in self.models},
             "provenance": self.meta.get("provenance", {}),
         }
 

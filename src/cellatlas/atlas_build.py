@@ -345,6 +345,7 @@ def build_from_sources(
     atlas = assemble(counts, genes, labels, sources=source_table(ref_parts, part), measured=measured_by_all(ref_parts),
                      embedding=embedding, **kw)
     emb = atlas.embedding(model)
+    index_reference(atlas, model, encoder, counts, genes, seed, log)
     log("laying out the reference in 2-D")
     atlas.arrays["ref_layout"] = _layout(emb, seed, layout)
     atlas.meta["anchors"] = _anchors(atlas.arrays["ref_layout"], [c for c in atlas.meta["candidates"] if c not in set(labels)])
@@ -371,6 +372,39 @@ def build_from_sources(
         }
     )
     return atlas
+
+
+def index_reference(atlas: Atlas, model: str, encoder, counts: sp.csr_matrix, genes: list[str], seed: int = 0,
+                    log: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """Choose, build and tune the reference's neighbour index (:mod:`cellatlas.refindex`); record it in the atlas.
+
+    An approximate index is tuned on reference cells thinned to half their depth and embedded
+    (query cells are shallower than reference cells) and stored with the atlas; its recall@15
+    against the exact search goes to ``meta["models"][model]["index"]``.
+    """
+    from cellatlas import refindex
+    from cellatlas.neighbours import thin
+
+    emb = atlas.embedding(model)
+    spec = refindex.choose(*emb.shape)
+    queries = None
+    if spec["kind"] != "flat":
+        (log or (lambda m: None))(f"indexing {emb.shape[0]} reference cells (approximate: tuning for recall@15 >= "
+                                  f"{refindex.RECALL_TARGET})")
+        n_q = min(emb.shape[0], refindex.RECALL_QUERIES)
+        rows = np.sort(np.random.default_rng(seed).choice(emb.shape[0], n_q, replace=False))
+        if model == "default":
+            enc = DefaultEncoder.from_state(atlas.encoder_state("default"))
+            stored = atlas.reference_counts()[rows]
+            pos = {g: i for i, g in enumerate(atlas.ref_genes)}
+            queries = enc.embed(thin(stored[:, [pos[g] for g in enc.panel]].tocsr(), 0.5, seed=seed), enc.panel)
+        else:
+            queries = encoder.embed(thin(counts[rows], 0.5, seed=seed), genes)
+    index, info = refindex.make(emb, queries, spec=spec, seed=seed)
+    atlas.meta["models"][model]["index"] = info
+    if info["kind"] != "flat":
+        atlas.arrays[f"model__{model}__index"] = refindex.serialize(index)
+    return info
 
 
 def build_atlas(

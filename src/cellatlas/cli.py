@@ -280,6 +280,12 @@ def atlas_info(name: str = typer.Argument("human-core")):
         t.add_row(lab["label"], str(lab.get("ontology_id") or ""), str(lab.get("parent") or ""), str(lab.get("n_cells", 0)), str(lab.get("source", "")))
     out.print(t)
     out.print(f"fusion model, held-out calls: {info['fusion']}")
+    for model, ix in info["index"].items():
+        if ix.get("kind") == "ivf":
+            out.print(f"{model} neighbour index: IVF-{ix['codec']}, {ix['nlist']} lists, nprobe {ix['nprobe']}: "
+                      f"recall@15 {ix['recall_at_15']:.4f} against exact search ({ix['n_queries']} queries: {ix['queries']})")
+        else:
+            out.print(f"{model} neighbour index: exact (flat)")
 
 
 @atlas_app.command("download")

@@ -1,9 +1,10 @@
 """Scoring blocks of cells on a ``dask.distributed`` cluster.
 
-The client prepares what every block shares (gene mapping, value kind, the atlas) and
-broadcasts the atlas and the gene space to every worker once (``Client.scatter(...,
-broadcast=True)``); each worker builds its :class:`~cellatlas.annotate.Annotator` (the
-atlas runtime) on its first block and keeps it for the next. A block is either a row
+The client prepares what every block shares (gene mapping, value kind, the atlas, the
+runtime's depth levels and marker centres) and broadcasts the atlas, the gene space and
+those precomputed arrays to every worker once (``Client.scatter(..., broadcast=True)``);
+each worker builds its :class:`~cellatlas.annotate.Annotator` (the atlas runtime) from them
+on its first block and keeps it for the next. A block is either a row
 block of a dask array (``cellatlas.annotate(adata)`` with ``adata.X`` a dask array) or a
 row range of a file, which the worker opens from its path (``annotate_file(...,
 scheduler=...)``; the file must be on storage every worker reads: a shared file system,
@@ -20,7 +21,8 @@ from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 import numpy as np
 
-from cellatlas.annotate import Annotator, block_size
+from cellatlas.annotate import Annotator
+from cellatlas.config import get_settings
 from cellatlas.errors import InputError
 from cellatlas.query import GeneSpace, prepare_query
 from cellatlas.result import AnnotationResult
@@ -48,13 +50,14 @@ def connect(scheduler: Any) -> tuple[Any, bool]:
     return scheduler, False
 
 
-def _annotator(atlas, space: GeneSpace, model: str, model_path) -> Annotator:
-    """This worker's annotator for the broadcast atlas and genes, built once."""
+def _annotator(atlas, space: GeneSpace, model: str, model_path, precomputed: dict | None = None) -> Annotator:
+    """This worker's annotator for the broadcast atlas and genes, built once (from the client's
+    precomputed depth levels and marker centres, so no worker builds them again)."""
     key = ("annotator", atlas.sha256, model, str(model_path), hash(space.names))
     if key not in _WORKER:
         from cellatlas.runtime import AtlasRuntime
 
-        rt = AtlasRuntime(atlas, model, list(space.genes), model_path=model_path)
+        rt = AtlasRuntime(atlas, model, list(space.genes), model_path=model_path, preloaded=precomputed)
         _WORKER[key] = Annotator(space, model=model, atlas=atlas, model_path=model_path, runtime=rt)
     return _WORKER[key]
 
@@ -69,23 +72,25 @@ def _threads() -> int:
         return 1
 
 
-def _score(rows, ids, start: int, atlas, space: GeneSpace, values, check, model: str, model_path, chunk_size) -> AnnotationResult:
+def _score(rows, ids, start: int, atlas, space: GeneSpace, values, check, model: str, model_path, chunk_size,
+           precomputed=None) -> AnnotationResult:
     from cellatlas.annotate import _leave_unassigned
 
-    engine = _annotator(atlas, space, model, model_path)
+    engine = _annotator(atlas, space, model, model_path, precomputed)
     query = prepare_query(rows, cell_ids=ids, space=space, values=values, row0=start, gene_check=check)
     part = engine.score(query, chunk_size=chunk_size, threads=_threads())
     _leave_unassigned(part)
     return part
 
 
-def _score_array_block(rows, ids, start, atlas, space, values, check, model, model_path, chunk_size) -> AnnotationResult:
+def _score_array_block(rows, ids, start, atlas, space, values, check, model, model_path, chunk_size,
+                       precomputed=None) -> AnnotationResult:
     """One row block of a dask array (the block itself arrives as the task's input)."""
-    return _score(rows, ids, start, atlas, space, values, check, model, model_path, chunk_size)
+    return _score(rows, ids, start, atlas, space, values, check, model, model_path, chunk_size, precomputed)
 
 
 def _score_file_block(open_args: dict, start: int, stop: int, atlas, space, values, check, model, model_path,
-                      chunk_size) -> AnnotationResult:
+                      chunk_size, precomputed=None) -> AnnotationResult:
     """Rows ``start:stop`` of a file the worker opens itself (kept open for its next blocks)."""
     from cellatlas.stream import open_file
 
@@ -94,7 +99,7 @@ def _score_file_block(open_args: dict, start: int, stop: int, atlas, space, valu
         _WORKER[key] = open_file(**open_args)
     src = _WORKER[key]
     return _score(src.rows(start, stop), src.cell_ids(start, stop), start, atlas, space, values, check, model, model_path,
-                  chunk_size)
+                  chunk_size, precomputed)
 
 
 def _chosen(source: str) -> dict[str, Any]:
@@ -112,10 +117,12 @@ def iter_annotated_dask(run: Run, scheduler: Any, *, chunk_size: int | None = No
     client, owned = connect(scheduler)
     try:
         ann = run.annotator
-        atlas_f, space_f = client.scatter([ann.atlas, run.space], broadcast=True, hash=False)
-        common = (atlas_f, space_f, run.values, run.gene_check, ann.model, ann.model_path, chunk_size)
+        atlas_f, space_f, pre_f = client.scatter([ann.atlas, run.space, ann.rt.precomputed()], broadcast=True, hash=False)
+        common = (atlas_f, space_f, run.values, run.gene_check, ann.model, ann.model_path, chunk_size, pre_f)
         src = run.src
-        size = block_size(chunk_size)
+        # One engine chunk per task (not one per client thread): the blocks spread evenly over
+        # the workers, and a worker with several cores still splits each block among them.
+        size = int(chunk_size or get_settings().chunk_size)
         if getattr(src, "is_dask", False):
             import dask
 

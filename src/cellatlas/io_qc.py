@@ -66,18 +66,21 @@ def cell_qc(X: sp.csr_matrix, mito: np.ndarray) -> CellQC:
     Parameters
     ----------
     X
-        Cells x input columns (count-like values; duplicate entries are summed on a copy, the
-        input is never modified).
+        Cells x input columns (count-like values; never modified). Duplicate entries of a
+        gene in a row count as one gene.
     mito
         Boolean mask of the mitochondrial columns (:func:`mito_mask`).
     """
-    X = sp.csr_matrix(X)  # may share the caller's arrays: never modified in place
-    if not _sorted_unique(X):
+    if not isinstance(X, sp.csr_matrix):  # a CSR block is read as it is: re-wrapping copies a view's arrays
+        X = sp.csr_matrix(X)
+    if _has_duplicates(X):
         X = X.copy()
         X.sum_duplicates()
     total = np.asarray(X.sum(axis=1), dtype=np.float64).ravel()
-    seen = np.concatenate(([0], np.cumsum(X.data != 0)))
-    n_genes = (seen[X.indptr[1:]] - seen[X.indptr[:-1]]).astype(np.int32)
+    n_genes = np.diff(X.indptr).astype(np.int32)
+    if X.nnz and not X.data.all():  # stored zeros are not genes detected
+        zero_rows = np.searchsorted(X.indptr, np.flatnonzero(X.data == 0), side="right") - 1
+        n_genes -= np.bincount(zero_rows, minlength=X.shape[0]).astype(np.int32)
     if mito.any():
         mt = np.asarray(X @ mito.astype(np.float32), dtype=np.float64).ravel()
         pct = np.where(total > 0, 100.0 * mt / np.where(total > 0, total, 1.0), 0.0)
@@ -86,13 +89,31 @@ def cell_qc(X: sp.csr_matrix, mito: np.ndarray) -> CellQC:
     return CellQC(total.astype(np.float32), n_genes, pct.astype(np.float32))
 
 
-def _sorted_unique(X: sp.csr_matrix) -> bool:
-    """Whether every row's column indices strictly increase (no duplicate entries), in one pass."""
-    step = np.diff(X.indices.astype(np.int64))
-    starts = X.indptr[1:-1]
-    ok = step > 0
-    ok[starts[(starts > 0) & (starts < len(X.indices))] - 1] = True  # a new row may start lower
-    return bool(ok.all())
+def _has_duplicates(X: sp.csr_matrix) -> bool:
+    """Whether some row names a column twice, without copying the matrix.
+
+    Sorted rows are checked in one pass (scipy's own check, on the arrays: a new matrix
+    object over a block's views would copy them); unsorted ones (e.g. 10x v1 matrices
+    converted from R) by one stable sort of ``row * n_cols + column`` keys, nearly linear
+    because rows come in order.
+    """
+    n, indptr, indices = X.shape[0], X.indptr, X.indices
+    if indptr.dtype != indices.dtype:
+        indptr = indptr.astype(indices.dtype)
+    try:
+        from scipy.sparse import _sparsetools
+
+        if _sparsetools.csr_has_canonical_format(n, indptr, indices):
+            return False
+        if _sparsetools.csr_has_sorted_indices(n, indptr, indices):
+            return True  # sorted but not strictly increasing
+    except (ImportError, AttributeError, TypeError, ValueError):  # pragma: no cover - scipy's private helpers moved
+        pass
+    wide = np.int32 if n * X.shape[1] < 2**31 else np.int64
+    key = np.repeat(np.arange(n, dtype=wide) * wide(X.shape[1]), np.diff(indptr))
+    key += indices
+    key.sort(kind="stable")
+    return bool((key[1:] == key[:-1]).any())
 
 
 def unassigned_reasons(qc: CellQC, atlas_counts: np.ndarray, *, values: str = "counts") -> np.ndarray:

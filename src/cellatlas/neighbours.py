@@ -8,7 +8,8 @@ downsampled to each query cell's own depth (:class:`DepthMatchedIndex`).
 from __future__ import annotations
 
 import threading
-from typing import Any, Callable
+from contextlib import contextmanager
+from typing import Any, Callable, Iterator
 
 import faiss
 import numpy as np
@@ -34,6 +35,27 @@ if faiss.cvar.distance_compute_blas_threshold > FAISS_BLAS_THRESHOLD:
     faiss.cvar.distance_compute_blas_threshold = FAISS_BLAS_THRESHOLD
 
 
+@contextmanager
+def faiss_threads(n: int = 1) -> Iterator[None]:
+    """Let faiss use ``n`` OpenMP threads in the calling thread for the duration (restored after).
+
+    The engine scores chunks in its own threads, each searching one chunk: faiss's default
+    (one OpenMP thread per core inside every search) then runs cores x threads busy-waiting
+    threads, which cost 40% of the CPU time of a whole annotation on a loaded 2-core machine
+    (``benchmarks/throughput.py``). OpenMP's thread count is per calling thread, so this
+    changes nothing for other threads or for the user's own faiss calls.
+    """
+    prev = faiss.omp_get_max_threads()
+    if prev == n:
+        yield
+        return
+    faiss.omp_set_num_threads(n)
+    try:
+        yield
+    finally:
+        faiss.omp_set_num_threads(prev)
+
+
 STATS_MAX_CELLS = 1500
 """Reference cells whose neighbour distances estimate the statistics (all of them up to this many;
 a seeded sample beyond, so a 100,000-cell level costs 1,500 searches, not 100,000: a median and a
@@ -41,14 +63,14 @@ MAD are estimated to about 2-3% of their value from that many)."""
 
 
 def neighbour_stats(emb: np.ndarray, k: int = fusion.K_NEIGHBOURS, max_cells: int = STATS_MAX_CELLS) -> dict[str, float]:
-    """Median and MAD of reference cells' mean distance to their k nearest other cells."""
+    """Median and MAD of reference cells' mean distance to their k nearest other cells (exact search,
+    without copying ``emb`` into an index)."""
     emb = np.ascontiguousarray(emb, dtype=np.float32)
-    index = faiss.IndexFlatIP(emb.shape[1])
-    index.add(emb)
     queries = emb
     if len(emb) > max_cells:
         queries = emb[np.sort(np.random.default_rng(0).choice(len(emb), max_cells, replace=False))]
-    sim, _ = index.search(queries, k + 1)
+    with faiss_threads(1):
+        sim, _ = faiss.knn(queries, emb, k + 1, metric=faiss.METRIC_INNER_PRODUCT)
     d = (1.0 - sim[:, 1:]).mean(axis=1)
     med = float(np.median(d))
     return {"median": med, "mad": float(np.median(np.abs(d - med))), "bandwidth": max(med, 1e-3)}
@@ -96,10 +118,19 @@ class DepthMatchedIndex:
         Reference counts over the same genes.
     base_index, base_stats
         The full-depth index and its :func:`neighbour_stats` (level 0).
+    store
+        A :class:`~cellatlas.runtime_store.RuntimeStore` where built levels are kept (and
+        looked up first): later processes and Dask workers then skip building them.
+    approximate
+        Index each level like a large reference's base index (:func:`cellatlas.refindex.make`,
+        tuned on the level's cells thinned to half depth); its measured recall goes to
+        :attr:`recall` (level -> recall@15).
     """
 
-    def __init__(self, embed: Callable[[sp.csr_matrix], np.ndarray], ref_counts: sp.csr_matrix, base_index, base_stats: dict[str, float]):
-        self._embed, self._ref = embed, ref_counts
+    def __init__(self, embed: Callable[[sp.csr_matrix], np.ndarray], ref_counts: sp.csr_matrix, base_index, base_stats: dict[str, float],
+                 store=None, approximate: bool = False):
+        self._embed, self._ref, self._store, self._approximate = embed, ref_counts, store, approximate
+        self.recall: dict[str, float] = {}
         self.median_depth = float(np.median(np.asarray(ref_counts.sum(axis=1)).ravel()))
         self.n_levels = KNN_DEPTH_LEVELS
         self._levels: dict[int, tuple[Any, dict[str, float]]] = {0: (base_index, base_stats)}
@@ -114,12 +145,47 @@ class DepthMatchedIndex:
         """The faiss index and neighbour statistics of level ``lv`` (built once, thread-safe)."""
         with self._lock:
             if lv not in self._levels:
-                target = self.median_depth * 2.0 ** (-lv * KNN_DEPTH_STEP)
-                emb = np.ascontiguousarray(self._embed(downsample(self._ref, target, seed=lv)), dtype=np.float32)
-                index = faiss.IndexFlatIP(emb.shape[1])
-                index.add(emb)
-                self._levels[lv] = (index, neighbour_stats(emb))
+                self._levels[lv] = self._stored(lv) or self._build(lv)
             return self._levels[lv]
+
+    def build_all(self) -> None:
+        """Build (or load) every level now, e.g. before sending them to Dask workers."""
+        for lv in range(self.n_levels):
+            self.level(lv)
+
+    def _build(self, lv: int) -> tuple[Any, dict[str, float]]:
+        from cellatlas import refindex
+        from cellatlas.runtime_store import pack_json
+
+        target = self.median_depth * 2.0 ** (-lv * KNN_DEPTH_STEP)
+        counts = downsample(self._ref, target, seed=lv)
+        emb = np.ascontiguousarray(self._embed(counts), dtype=np.float32)
+        info: dict[str, Any] = {"kind": "flat"}
+        if self._approximate:
+            rows = np.sort(np.random.default_rng(lv).choice(len(emb), min(len(emb), refindex.RECALL_QUERIES), replace=False))
+            queries = self._embed(thin(counts[rows], 0.5, seed=lv))
+            index, info = refindex.make(emb, queries, seed=lv)
+            self.recall[str(lv)] = info["recall_at_15"]
+        else:
+            index = faiss.IndexFlatIP(emb.shape[1])
+            index.add(emb)
+        stats = neighbour_stats(emb)
+        if self._store is not None:
+            self._store.put(f"level{lv}", {"index": faiss.serialize_index(index), "stats": pack_json(stats),
+                                           "info": pack_json(info)})
+        return index, stats
+
+    def _stored(self, lv: int) -> tuple[Any, dict[str, float]] | None:
+        group = self._store.get(f"level{lv}") if self._store is not None else None
+        if group is None:
+            return None
+        from cellatlas import refindex
+        from cellatlas.runtime_store import unpack_json
+
+        info = unpack_json(group["info"]) if "info" in group else {"kind": "flat"}
+        if info.get("kind") == "ivf":
+            self.recall[str(lv)] = info["recall_at_15"]
+        return refindex.deserialize(group["index"], info), unpack_json(group["stats"])
 
     def search(self, emb: np.ndarray, depth: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Similarities, reference indices and robust distance z of each cell's ``k`` neighbours at its depth."""
@@ -131,6 +197,7 @@ class DepthMatchedIndex:
         for lv in np.unique(level):
             rows = np.nonzero(level == lv)[0]
             index, stats = self.level(int(lv))
-            sim[rows], idx[rows] = index.search(emb[rows], k)
+            with faiss_threads(1):
+                sim[rows], idx[rows] = index.search(emb[rows], k)
             z[rows] = fusion.ood_z((1.0 - sim[rows]).mean(axis=1), stats["median"], stats["mad"])
         return sim, idx, z

@@ -26,8 +26,9 @@ from cellatlas.encoders import get_encoder
 from cellatlas.encoders.default import DefaultEncoder
 from cellatlas.errors import AtlasModelMismatchError, GeneMismatchError
 from cellatlas.markers import compile_markers, marker_null_z, rank_scores, score_markers
-from cellatlas.neighbours import DepthMatchedIndex, neighbour_stats, thin
+from cellatlas.neighbours import DepthMatchedIndex, faiss_threads, neighbour_stats, thin
 from cellatlas.result import Alternates
+from cellatlas.runtime_store import RuntimeStore, pack_json, runtime_key, unpack_json
 from cellatlas.sparse import ColumnPlan
 
 MIN_SHARED_PANEL = 0.05
@@ -103,12 +104,20 @@ class Scored:
 
 
 class AtlasRuntime:
-    """Score cells against ``atlas`` with ``model`` for a query whose genes are ``genes``."""
+    """Score cells against ``atlas`` with ``model`` for a query whose genes are ``genes``.
 
-    def __init__(self, atlas: Atlas, model: str, genes: Sequence[str], *, model_path=None, encoder=None):
+    What does not depend on the cells (a refitted encoder, marker centres, depth levels) is
+    kept in a :class:`~cellatlas.runtime_store.RuntimeStore`: read from ``CELLATLAS_HOME``
+    when an earlier process computed it, or from ``preloaded`` (a Dask client's
+    :meth:`precomputed`).
+    """
+
+    def __init__(self, atlas: Atlas, model: str, genes: Sequence[str], *, model_path=None, encoder=None,
+                 preloaded: dict | None = None):
         self.atlas, self.model, self.genes = atlas, model, list(genes)
         meta = atlas.stats(model)
         self.report: dict[str, Any] = {}
+        self.store = RuntimeStore(runtime_key(atlas.sha256, model, self.genes), preloaded=preloaded)
         if model == "default":
             self._init_default(atlas, meta)
         else:
@@ -125,8 +134,7 @@ class AtlasRuntime:
             self.report["model_gene_coverage"] = round(float(self.encoder.gene_coverage(self.genes)), 4)
         self.index = None
         if self.ref_emb is not None:
-            self.index = faiss.IndexFlatIP(self.ref_emb.shape[1])
-            self.index.add(np.ascontiguousarray(self.ref_emb, dtype=np.float32))
+            self.index, self.report["neighbour_index"] = self._base_index(atlas, model)
         self.ref_codes = atlas.ref_codes.astype(np.int64)
         self.layout_ref = atlas.arrays["ref_layout"].astype(np.float32)
         self.model_fusion = fusion.FusionModel.from_dict(meta.get("fusion"))
@@ -135,11 +143,46 @@ class AtlasRuntime:
         # The default encoder can embed downsampled reference cells on the fly; foundation
         # models search the stored full-depth embedding only.
         self.depth_index = (
-            DepthMatchedIndex(lambda x: self.encoder.embed(x, self.universe), self._ref_universe, self.index, self.dist)
+            DepthMatchedIndex(lambda x: self.encoder.embed(x, self.universe), self._ref_universe, self.index, self.dist,
+                              store=self.store, approximate=self.report["neighbour_index"]["kind"] != "flat")
             if model == "default" and self.index is not None else None
         )
+        if self.depth_index is not None and self.depth_index._approximate:
+            self.report["neighbour_index"]["level_recall_at_15"] = self.depth_index.recall  # filled as levels are built
+
+    def precomputed(self) -> dict:
+        """Everything this runtime precomputes, every depth level built: what a Dask client sends its workers."""
+        if self.depth_index is not None:
+            self.depth_index.build_all()
+        return self.store.export()
 
     # ------------------------------------------------------------------ setup
+    def _base_index(self, atlas: Atlas, model: str) -> tuple[Any, dict[str, Any]]:
+        """The reference's faiss index: the atlas's stored approximate index, or an exact one.
+
+        A refitted encoder (some panel genes missing) re-embeds the reference; a large
+        reference's index is then rebuilt and tuned like the atlas build's (kept in the store).
+        """
+        from cellatlas import refindex
+
+        info = dict(atlas.index_info(model))
+        if not self.report.get("panel_adapted"):
+            stored = atlas.reference_index(model)
+            if stored is not None:
+                return stored, info
+            info = {"kind": "flat"}
+        elif info.get("kind") != "flat":
+            group = self.store.get("refit_index")
+            if group is not None:
+                info = unpack_json(group["info"])
+                return refindex.deserialize(group["index"], info), info
+            index, info = refindex.make(self.ref_emb, spec=refindex.choose(*self.ref_emb.shape))
+            self.store.put("refit_index", {"index": refindex.serialize(index), "info": pack_json(info)})
+            return index, info
+        index = faiss.IndexFlatIP(self.ref_emb.shape[1])
+        index.add(np.ascontiguousarray(self.ref_emb, dtype=np.float32))
+        return index, {"kind": "flat"}
+
     def _init_default(self, atlas: Atlas, meta: dict) -> None:
         panel = atlas.panel
         have = set(self.genes)
@@ -162,14 +205,21 @@ class AtlasRuntime:
         # Some panel genes are missing: refit on every gene the query shares with the stored
         # reference (panel + marker genes), never zero-filling the missing ones.
         genes = [g for g in core_genes(atlas) if g in have]
-        gi = {g: i for i, g in enumerate(atlas.ref_genes)}
-        ref = atlas.reference_counts()[:, np.array([gi[g] for g in genes])]
-        self.encoder = DefaultEncoder.fit(
-            ref, genes, genes, n_pcs=int(state["components"].shape[0]), transform=str(state["transform"]),
-            scale=bool(state.get("scaled", True)),
-        )
-        self.ref_emb = self.encoder.embed(ref, genes)
-        self.dist = neighbour_stats(self.ref_emb)
+        stored = self.store.get("refit")
+        if stored is not None:
+            self.encoder = DefaultEncoder.from_state({k[len("state__"):]: v for k, v in stored.items() if k.startswith("state__")})
+            self.ref_emb, self.dist = stored["ref_emb"], unpack_json(stored["dist"])
+        else:
+            gi = {g: i for i, g in enumerate(atlas.ref_genes)}
+            ref = atlas.reference_counts()[:, np.array([gi[g] for g in genes])]
+            self.encoder = DefaultEncoder.fit(
+                ref, genes, genes, n_pcs=int(state["components"].shape[0]), transform=str(state["transform"]),
+                scale=bool(state.get("scaled", True)),
+            )
+            self.ref_emb = self.encoder.embed(ref, genes)
+            self.dist = neighbour_stats(self.ref_emb)
+            self.store.put("refit", {**{f"state__{k}": v for k, v in self.encoder.state().items()},
+                                     "ref_emb": self.ref_emb, "dist": pack_json(self.dist)})
         self.report.update({"panel_adapted": True, "adapted_panel_genes": len(genes)})
 
     @staticmethod
@@ -222,7 +272,12 @@ class AtlasRuntime:
         for j, nd in enumerate(option_nodes):
             if nd >= 0:
                 related[:, j] = h.above[node_of_cell, nd] | h.above[nd, node_of_cell]
-        self.marker_centre = np.stack([marker_centre(raw, related) for raw in depth_level_scores(ref, self.compiled)])  # [levels, options]
+        stored = self.store.get("centre")
+        if stored is not None:
+            self.marker_centre = stored["marker_centre"]
+        else:
+            self.marker_centre = np.stack([marker_centre(raw, related) for raw in depth_level_scores(ref, self.compiled)])  # [levels, options]
+            self.store.put("centre", {"marker_centre": self.marker_centre})
         self.ontology = np.array(
             [labels["ontology_id"].get(n, "") if isinstance(labels["ontology_id"].get(n, ""), str) else "" for n in h.nodes],
             dtype=object,
@@ -307,7 +362,8 @@ class AtlasRuntime:
         k = min(fusion.K_NEIGHBOURS, self.index.ntotal)
         if self.depth_index is not None:
             return self.depth_index.search(emb, depth, k)
-        sim, idx = self.index.search(np.ascontiguousarray(emb, dtype=np.float32), k)
+        with faiss_threads(1):
+            sim, idx = self.index.search(np.ascontiguousarray(emb, dtype=np.float32), k)
         return sim, idx, fusion.ood_z((1.0 - sim).mean(axis=1), self.dist["median"], self.dist["mad"])
 
     def _foundation_embed(self, counts: sp.csr_matrix) -> np.ndarray:

@@ -135,7 +135,8 @@ class Run:
             yield part
 
     def finish(self, res: AnnotationResult, n_cells: int) -> AnnotationResult:
-        """Set the gene report and provenance of the whole run on ``res``."""
+        """Set the gene report and provenance of the whole run on ``res`` (and stop the engine threads)."""
+        self.annotator.close()
         res.gene_report = {**self.space.report, "matrix_source": self.src.source, "values": self.values[0],
                            "n_cells": int(n_cells), "gene_check": self.gene_check.report(), **self.annotator.rt.report}
         unassigned = {"n_cells": int(sum(self.unassigned.values())), "reasons": dict(sorted(self.unassigned.items()))}

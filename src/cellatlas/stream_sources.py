@@ -209,22 +209,29 @@ class CsrRows:
 
 
 def _read_ranges(ds, lo: np.ndarray, hi: np.ndarray) -> np.ndarray:
-    """``concatenate([ds[a:b] for a, b in zip(lo, hi)])`` in one HDF5 read for h5py datasets."""
+    """``concatenate([ds[a:b] for a, b in zip(lo, hi)])`` for increasing, non-overlapping ranges.
+
+    Ranges that cover at least an eighth of the span from the first to the last are read
+    as that one span and gathered (value detection's 2,000 rows of a 10,000-cell file);
+    sparser ones one range at a time into the output. An HDF5 selection made of every
+    range OR-ed together was 2-3.5x slower than either (and ``read_direct`` per range 4x).
+    """
     keep = hi > lo
     lo, hi = lo[keep], hi[keep]
     out = np.empty(int((hi - lo).sum()), dtype=ds.dtype)
     if not len(out):
         return out
-    if type(ds).__module__.startswith("h5py"):
-        import h5py
-
-        space = ds.id.get_space()
-        space.select_hyperslab((int(lo[0]),), (int(hi[0] - lo[0]),), op=h5py.h5s.SELECT_SET)
-        for a, b in zip(lo[1:].tolist(), hi[1:].tolist()):
-            space.select_hyperslab((a,), (b - a,), op=h5py.h5s.SELECT_OR)
-        ds.id.read(h5py.h5s.create_simple((len(out),)), space, out)
-        return out
-    return np.concatenate([np.asarray(ds[a:b]) for a, b in zip(lo.tolist(), hi.tolist())])
+    first, last = int(lo[0]), int(hi[-1])
+    if last - first <= 8 * len(out):
+        span = np.asarray(ds[first:last])
+        ends = np.cumsum(hi - lo)
+        pos = np.arange(len(out), dtype=np.int64) + np.repeat(lo - first - (ends - (hi - lo)), hi - lo)
+        return span[pos]
+    o = 0
+    for a, b in zip(lo.tolist(), hi.tolist()):
+        out[o:o + b - a] = ds[a:b]
+        o += b - a
+    return out
 
 
 def _frame_index(group) -> pd.Index:

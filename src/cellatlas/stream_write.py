@@ -272,10 +272,12 @@ class H5adWriter:
 
     def _previous(self, name: str, default):
         """An entry of the input's ``uns["cellatlas"]`` (what an earlier run recorded)."""
-        from anndata.io import read_elem
-
         rec = self.f.get("uns/cellatlas")
-        return read_elem(rec[name]) if rec is not None and name in rec else default
+        if rec is None or name not in rec:
+            return default
+        from anndata.io import read_elem  # imports anndata (0.3-0.5 s): only when there is something to read
+
+        return read_elem(rec[name])
 
     def _move_aside(self, obs, uns) -> dict[str, str]:
         """The input's own obs columns named like the new ones, renamed ``<name>_uploaded`` (the rule of

@@ -26,6 +26,10 @@ from cellatlas.sparse import ColumnPlan
 
 TARGET_SUM = 1e4
 TRANSFORMS = ("log1p", "rank")
+FIT_MAX_CELLS = 50_000
+"""The principal axes of a larger reference are fitted on a seeded sample of this many cells (the
+dense centred matrix of every cell would take 4 bytes x cells x panel genes: 8 GB for 1M cells);
+gene means and scales are still taken over every cell."""
 
 
 def _transform(counts: sp.csr_matrix, transform: str, copy: bool = True) -> sp.csr_matrix:
@@ -68,7 +72,9 @@ class DefaultEncoder:
         self.panel = [str(g) for g in panel]
         self.mean = np.asarray(mean, dtype=np.float32)
         self.std = np.asarray(std, dtype=np.float32)
-        self.components = np.asarray(components, dtype=np.float32)
+        # C order whatever the source (a fitted SVD's strided view, an array read from a file), so
+        # the weights below round alike for an encoder fitted here and one read back from its state.
+        self.components = np.ascontiguousarray(components, dtype=np.float32)
         self.transform = transform
         self.scaled = bool(scaled)
         self._index = {g: i for i, g in enumerate(self.panel)}
@@ -105,7 +111,9 @@ class DefaultEncoder:
         std = np.sqrt(np.maximum(sq - mean**2, 0.0))
         std = np.maximum(std, 1e-2 if transform == "rank" else 1e-1) if scale else np.ones_like(mean)
         k = int(min(n_pcs, n - 1, len(panel) - 1))
-        # Centre/scale densely in float32: the reference is small (bounded at build time).
+        # Centre/scale densely in float32, at most FIT_MAX_CELLS cells (all of them up to that size).
+        if n > FIT_MAX_CELLS:
+            x = x[np.sort(np.random.default_rng(seed).choice(n, FIT_MAX_CELLS, replace=False))]
         z = (x.toarray() - mean) / std
         from sklearn.utils.extmath import randomized_svd
 
