@@ -30,7 +30,7 @@ def _evidence(z, knn, seen, n_foil=0, distance=None, knn_top=None):
     return Evidence(
         raw_centred=z / 10, z=z, knn=knn, distance=np.zeros(n, np.float32) if distance is None else np.asarray(distance, np.float32),
         log_expressed=np.full(n, 8.0, np.float32), seen=np.asarray(seen, bool), coverage=np.ones(z.shape[1], np.float32),
-        knn_top=np.full(n, -1) if knn_top is None else np.asarray(knn_top), real=np.asarray(seen, bool), n_foil=n_foil,
+        knn_top=np.full(n, -1) if knn_top is None else np.asarray(knn_top), n_foil=n_foil,
     )
 
 

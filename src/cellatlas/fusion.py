@@ -37,7 +37,7 @@ EPS = 1e-3
 
 FEATURES = (
     "marker_centred", "marker_z", "marker_z_unseen", "marker_log_coverage", "knn_log_vote", "reference_seen",
-    "knn_log_vote_real_cells", "reference_real_cells", "unseen_log_count", "foil", "foil_log_count", "novel", "novel_x_best_marker_z", "novel_x_distance",
+    "unseen_log_count", "foil", "foil_log_count", "novel", "novel_x_best_marker_z", "novel_x_distance",
     "novel_x_neighbour_label_z", "novel_x_marker_z_margin",
 )
 """Columns of the design matrix, one coefficient each (see :func:`design`)."""
@@ -61,9 +61,6 @@ class Evidence:
         ``[n]`` log2(1 + number of the genes read that the cell expresses): how much evidence it can carry.
     seen
         ``[n_cand]`` whether reference cells carry the label or a label above it.
-    real
-        ``[n_cand]`` whether some of those are single cells (not pseudo-cells drawn from a profile):
-        neighbours among real cells of a type are better evidence than among pseudo-cells.
     coverage
         ``[n_cand + n_foil]`` share of each label's positive markers among the genes read.
     knn_top
@@ -80,7 +77,6 @@ class Evidence:
     seen: np.ndarray
     coverage: np.ndarray
     knn_top: np.ndarray
-    real: np.ndarray
     n_foil: int = 0
 
     @property
@@ -89,7 +85,7 @@ class Evidence:
 
     def take(self, rows: np.ndarray) -> "Evidence":
         return Evidence(self.raw_centred[rows], self.z[rows], self.knn[rows], self.distance[rows],
-                        self.log_expressed[rows], self.seen, self.coverage, self.knn_top[rows], self.real, self.n_foil)
+                        self.log_expressed[rows], self.seen, self.coverage, self.knn_top[rows], self.n_foil)
 
 
 def design(ev: Evidence) -> np.ndarray:
@@ -110,17 +106,13 @@ def design_by_feature(ev: Evidence) -> np.ndarray:
     X = np.zeros((len(FEATURES), n, c + f + 1), dtype=np.float32)
     i = _COLUMN
     seen = ev.seen.astype(np.float32)
-    real = (ev.real & ev.seen).astype(np.float32)
     unseen = np.r_[1.0 - seen, np.zeros(f, dtype=np.float32)]
-    log_vote = np.log(ev.knn + EPS)
     X[i["marker_centred"], :, : c + f] = ev.raw_centred
     X[i["marker_z"], :, : c + f] = ev.z
     X[i["marker_z_unseen"], :, : c + f] = ev.z * np.r_[1.0 - seen, np.ones(f, dtype=np.float32)][None, :]
     X[i["marker_log_coverage"], :, : c + f] = np.log(np.maximum(ev.coverage, 0.05))[None, :]
-    X[i["knn_log_vote"], :, :c] = log_vote * seen[None, :]
+    X[i["knn_log_vote"], :, :c] = np.log(ev.knn + EPS) * seen[None, :]
     X[i["reference_seen"], :, :c] = seen
-    X[i["knn_log_vote_real_cells"], :, :c] = log_vote * real[None, :]
-    X[i["reference_real_cells"], :, :c] = real
     X[i["unseen_log_count"], :, : c + f] = unseen * np.log(max(float(unseen.sum()), 1.0))
     X[i["foil"], :, c : c + f] = 1.0
     X[i["foil_log_count"], :, c : c + f] = np.log(max(f, 1))

@@ -222,16 +222,6 @@ class AtlasRuntime:
                                      "ref_emb": self.ref_emb, "dist": pack_json(self.dist)})
         self.report.update({"panel_adapted": True, "adapted_panel_genes": len(genes)})
 
-    @staticmethod
-    def _real_cell_labels(atlas: Atlas) -> np.ndarray:
-        """Per reference label: whether any of its cells come from a single-cell source (atlases
-        without source records count every label as real)."""
-        n = len(atlas.reference_labels)
-        if "ref_source_kinds" not in atlas.arrays:
-            return np.ones(n, dtype=bool)
-        from_cells = (atlas.arrays["ref_source_kinds"] == "cells")[atlas.arrays["ref_source"]]
-        return np.bincount(atlas.ref_codes[from_cells], minlength=n) > 0
-
     def _init_labels(self, atlas: Atlas) -> None:
         labels = atlas.labels
         self.candidates: list[str] = list(atlas.meta["candidates"])
@@ -245,9 +235,6 @@ class AtlasRuntime:
         # seen[c]: some reference label is the candidate or above it; own[c]: is the candidate.
         self.knn_map = h.member[:, self.ref_node].T.astype(np.float32)  # [ref labels, candidates]
         self.seen = self.knn_map.any(axis=0)
-        # real[c]: some reference cells at or above the candidate are single cells, not profile pseudo-cells.
-        real_label = self._real_cell_labels(atlas)
-        self.real = (self.knn_map * real_label[:, None]).any(axis=0)
         self.own = np.zeros(n_cand, dtype=bool)
         self.own[[p for p in self.ref_node if p < n_cand]] = True
         # Marker evidence is read on every stored gene the query has, ranked within that
@@ -320,7 +307,6 @@ class AtlasRuntime:
             seen=self.seen & (self.index is not None),
             coverage=self.compiled.coverage.astype(np.float32),
             knn_top=self.ref_node[vote.argmax(axis=1)] if self.index is not None else np.full(n, -1),
-            real=self.real,
             n_foil=len(self.foils),
         )
         return ev, emb, sim, idx, vote, ranks

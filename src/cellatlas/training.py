@@ -156,7 +156,7 @@ def _score(atlas: Atlas, part: Prepared, rows: np.ndarray, model: str, encoder, 
         out.append(Cases(ev, truth, weight * VARIANT_WEIGHT[variant], part.name, variant, rt.hierarchy))
         if variant == "as sent":  # the same cells read by their markers alone (a query with too few panel genes)
             blind = fusion.Evidence(ev.raw_centred, ev.z, np.zeros_like(ev.knn), np.zeros_like(ev.distance), ev.log_expressed,
-                                    np.zeros_like(ev.seen), ev.coverage, np.full(len(ev.knn_top), -1), ev.real, ev.n_foil)
+                                    np.zeros_like(ev.seen), ev.coverage, np.full(len(ev.knn_top), -1), ev.n_foil)
             out.append(Cases(blind, truth, weight * VARIANT_WEIGHT["markers only"], part.name, "markers only", rt.hierarchy))
     return out
 
