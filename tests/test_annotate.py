@@ -172,8 +172,15 @@ def test_lognormalised_anndata_and_obs_columns(pbmc68k):
     assert a.uns["cellatlas"]["provenance"]["atlas"] == "human-core"
     mono = a.obs["bulk_labels"] == "CD14+ Monocyte"
     assert a.obs.loc[mono, "cell_type"].isin(["CD14 monocyte", "CD16 monocyte", "Monocyte", "Dendritic cell"]).mean() > 0.8
-    b = a.obs["bulk_labels"] == "CD19+ B"
-    assert (a.obs.loc[b, "cell_type"] == "B cell").mean() > 0.8
+    # "CD19+ B" (labels from sorted bulk profiles) includes plasmablasts: MS4A1-negative cells
+    # expressing JCHAIN/MZB1/TNFRSF17. Either B-lineage call is right; plasma calls must be those cells.
+    b = (a.obs["bulk_labels"] == "CD19+ B").to_numpy()
+    call = a.obs["cell_type"].to_numpy()
+    assert np.isin(call[b], ["B cell", "Plasma cell"]).mean() > 0.9 and (call[b] == "B cell").mean() > 0.6
+    raw = a.raw.to_adata()
+    ms4a1, mzb1 = (np.asarray(raw[:, g].X.todense()).ravel() > 0 for g in ("MS4A1", "MZB1"))
+    plasma = b & (call == "Plasma cell")
+    assert ms4a1[plasma].mean() < 0.2 and mzb1[plasma].mean() > 0.8
 
 
 def test_non_blood_cells_are_not_called_blood():
@@ -253,8 +260,9 @@ def test_cells_placed_among_reference_cells_they_do_not_resemble_are_flagged():
     Cleavage-stage cells (zygote to 16 cells) fit no label's markers: they must be flagged
     novel. Late blastocyst cells express the epithelial programme (KRT8/18, EPCAM, CLDN4, CDH1:
     the trophectoderm is the first epithelium): each must be flagged or called a label outside
-    the blood lineage, never an unflagged blood type. The same rules must leave a PBMC
-    dataset's cells nearly all unflagged.
+    the blood lineage, never an unflagged blood type. The same model must leave a PBMC
+    dataset's cells nearly all unflagged (Kang, 2,511 genes; its 1,267-gene example subset,
+    which lacks CD79A/B, CD19 and most other B-cell markers, has 27% of its B cells flagged).
     """
     import anndata as ad
 
@@ -275,8 +283,8 @@ def test_cells_placed_among_reference_cells_they_do_not_resemble_are_flagged():
     blast = ~early
     unflagged_blood = [lab for lab, nv in zip(res.label[blast], res.novel[blast]) if not nv and in_blood(lab)]
     assert blast.sum() >= 20 and not unflagged_blood
-    kang = ad.read_h5ad(shared_file("datasets", "human_pbmc_kang2018_muscat_example_sce.h5ad"))
-    assert cellatlas.annotate(kang).novel.mean() < 0.06
+    kang = ad.read_h5ad(shared_file("datasets", "human_pbmc_kang2018_muscat_subset.h5ad"))
+    assert cellatlas.annotate(kang).novel.mean() < 0.03
 
 
 def test_chunk_slices_cover_every_row_once_in_order():

@@ -75,6 +75,22 @@ def test_fit_learns_that_strong_markers_beat_neighbours_of_a_reference_without_t
     assert model.summary["fitted"] and model.summary["converged"]
 
 
+def test_padded_options_change_nothing():
+    """Cases from atlases with fewer candidates are padded to one width; padding must not count."""
+    rng = np.random.default_rng(3)
+    n = 200
+    ev = _evidence(rng.normal(size=(n, 3)), rng.dirichlet(np.ones(3), size=n), [True, True, False])
+    X = fusion.design(ev)
+    truth = np.zeros((n, 4), bool)
+    truth[np.arange(n), rng.integers(0, 4, n)] = True
+    plain = fusion.fit(X, truth)
+    pad = np.concatenate([X, rng.normal(size=(n, 3, X.shape[2])).astype(X.dtype)], axis=1)
+    avail = np.zeros((n, 7), bool)
+    avail[:, :4] = True
+    padded = fusion.fit(pad, np.concatenate([truth, np.ones((n, 3), bool)], axis=1), available=avail)
+    assert np.allclose(padded.coef, plain.coef, atol=1e-5)
+
+
 def test_model_round_trips_through_a_dict():
     model = _fit_on_synthetic(np.random.default_rng(1))
     again = fusion.FusionModel.from_dict(model.to_dict())

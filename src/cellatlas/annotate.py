@@ -436,6 +436,10 @@ def embed(
     at = load_atlas(atlas)
     model = (model or DEFAULT_MODEL).lower()
     _check_model(model, model_path)
+    if model == DEFAULT_MODEL and query.mapping is not None:
+        from cellatlas.runtime import check_atlas_coverage
+
+        check_atlas_coverage(query.mapping, at)
     rt = get_runtime(at, model, query.genes, model_path)
     embs, lays = [], []
     plan = query.plan(rt.q_cols)

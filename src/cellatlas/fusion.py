@@ -171,7 +171,8 @@ class FusionModel:
         return softmax(u)
 
 
-def fit(X: np.ndarray, truth: np.ndarray, weight: np.ndarray | None = None, l2: float = 1e-2) -> FusionModel:
+def fit(X: np.ndarray, truth: np.ndarray, weight: np.ndarray | None = None, l2: float = 1e-2,
+        available: np.ndarray | None = None) -> FusionModel:
     """Maximum-likelihood coefficients of the conditional logit.
 
     Parameters
@@ -186,13 +187,17 @@ def fit(X: np.ndarray, truth: np.ndarray, weight: np.ndarray | None = None, l2: 
         Case weights (default 1).
     l2
         Ridge penalty per unit of total weight.
+    available
+        ``[N, O]`` bool: options that exist for the case (default all). Cases from atlases
+        with different numbers of candidates are padded to one width; padding is unavailable.
     """
     from scipy.optimize import minimize
 
     X = np.asarray(X, dtype=np.float64)
     T = np.asarray(truth, dtype=bool)
-    keep = T.any(axis=1)
-    X, T = X[keep], T[keep]
+    A = np.ones(T.shape, dtype=bool) if available is None else np.asarray(available, dtype=bool)
+    keep = (T & A).any(axis=1)
+    X, T, A = X[keep], T[keep] & A[keep], A[keep]
     w = np.ones(len(X)) if weight is None else np.asarray(weight, dtype=np.float64)[keep]
     w = w / w.sum()
     start = np.zeros(X.shape[2])
@@ -200,7 +205,7 @@ def fit(X: np.ndarray, truth: np.ndarray, weight: np.ndarray | None = None, l2: 
     start[: min(len(d), len(start))] = d[: len(start)]
 
     def nll(beta):
-        P = softmax(X @ beta)
+        P = softmax(np.where(A, X @ beta, -np.inf))
         PT = np.where(T, P, 0.0)
         s = np.maximum(PT.sum(axis=1), 1e-300)
         Q = PT / s[:, None]

@@ -83,10 +83,9 @@ class Query:
 def column_plan(colmap: np.ndarray, n_genes: int, gene_cols: np.ndarray) -> ColumnPlan:
     """How to read the symbols at positions ``gene_cols`` (of ``n_genes`` merged symbols) from input columns
     mapped by ``colmap`` (input column -> symbol, ``-1``: unmapped)."""
-    to_out = np.full(n_genes, -1, dtype=np.int64)
+    to_out = np.full(n_genes + 1, -1, dtype=np.int64)  # last entry: where unmapped columns point
     to_out[np.asarray(gene_cols, dtype=np.int64)] = np.arange(len(gene_cols))
-    mapped = colmap >= 0
-    return ColumnPlan.from_colmap(np.where(mapped, to_out[np.where(mapped, colmap, 0)], -1), len(gene_cols))
+    return ColumnPlan.from_colmap(to_out[np.where(colmap >= 0, colmap, n_genes)], len(gene_cols))
 
 
 @dataclass(frozen=True)

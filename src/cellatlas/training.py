@@ -236,15 +236,31 @@ def fit_fusion(
             cases += _score(atlas, p, _sample(p.labels, rng), model, encoder, rng, parents)
     if not cases:
         return fusion.FusionModel.default(), calls.NodeCalibration.default()
-    T = np.concatenate([c.truth for c in cases])
+    X, T, A = _padded(cases)
     w = np.concatenate([np.full(len(c.truth), c.weight / max(len(c.truth), 1)) for c in cases])
-    fitted = fusion.fit(np.concatenate([c.design for c in cases]), T, w)
+    fitted = fusion.fit(X, T, w, available=A)
     rows = [calls.training_rows(c.evidence, fitted.probabilities(c.evidence), c.truth, c.hierarchy) for c in cases]
     cw = np.concatenate([np.full(len(y), c.weight / max(len(c.truth), 1)) for c, (_, y) in zip(cases, rows)])
     calibration = calls.fit_calibration(np.vstack([F for F, _ in rows]), np.concatenate([y for _, y in rows]), cw)
     fitted.summary.update(_summary(fitted, calibration, cases))
     log(f"  fusion model fitted on {len(T)} held-out cases: {fitted.summary['by_variant']}")
     return fitted, calibration
+
+
+def _padded(cases: list[Cases]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Designs, truths and availability of all cases at one option width (folds whose atlases
+    have fewer candidates are padded with unavailable options)."""
+    width = max(c.truth.shape[1] for c in cases)
+    n = sum(len(c.truth) for c in cases)
+    X = np.zeros((n, width, len(fusion.FEATURES)), dtype=np.float32)
+    T = np.zeros((n, width), dtype=bool)
+    A = np.zeros((n, width), dtype=bool)
+    i = 0
+    for c in cases:
+        m, o = c.truth.shape
+        X[i : i + m, :o], T[i : i + m, :o], A[i : i + m, :o] = c.design, c.truth, True
+        i += m
+    return X, T, A
 
 
 def _summary(model: fusion.FusionModel, calibration: "calls.NodeCalibration", cases: list[Cases]) -> dict:

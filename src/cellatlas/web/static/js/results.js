@@ -50,7 +50,7 @@ function renderResults(relabelOnly = false) {
     tile("Relabelled", fmt(s.n_relabelled), "by you, kept in downloads"),
   ].join("");
   const notes = [...(s.qc.notes || []).map((t) => ["warn", t])];
-  if (s.n_novel) notes.push(["warn", `${fmt(s.n_novel)} cells look unlike anything in the atlas (marked novel); their labels are the nearest match.`]);
+  if (s.n_novel) notes.push([s.n_novel / n >= 0.05 ? "warn" : "info", `${fmt(s.n_novel)} cells (${pct(s.n_novel / n)}) are more likely none of the atlas's types than any of them (marked novel, never in the confident band); their labels are the nearest match.`]);
   for (const w of r.gene_report?.warnings || []) notes.push(["warn", typeof w === "string" ? w : w.message]);
   const gc = r.gene_report?.gene_check;
   if (gc && (gc.verdict === "warning" || gc.verdict === "skipped")) notes.push(["warn", `Gene list: ${gc.message}`]);
