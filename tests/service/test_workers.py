@@ -13,6 +13,9 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import pytest
 
+SECRET = "workers-test-secret"
+"""The key secret both the server and this test's ledger hash with (the test process's own
+settings may point at another test's home)."""
 
 
 @pytest.fixture
@@ -26,7 +29,8 @@ def two_workers(db_url, tmp_path):
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    env = dict(os.environ, CELLATLAS_HOME=str(tmp_path / "home"), CELLATLAS_DATABASE_URL=db_url, CELLATLAS_THREADS="1")
+    env = dict(os.environ, CELLATLAS_HOME=str(tmp_path / "home"), CELLATLAS_DATABASE_URL=db_url, CELLATLAS_THREADS="1",
+               CELLATLAS_API_KEY_SECRET=SECRET)
     log = tmp_path / "server.log"
     with open(log, "w") as fh:
         proc = subprocess.Popen(
@@ -63,7 +67,7 @@ def test_two_workers_share_one_ledger(two_workers, pbmc, csr_payload):
     from cellatlas.service.ledger import Ledger
 
     url, db_url, log = two_workers
-    led = Ledger(db_url, free_credits=0, cells_per_credit=1000)
+    led = Ledger(db_url, free_credits=0, cells_per_credit=1000, secret=SECRET)
     try:
         secret, info = led.create_key("workers", credits=100)
         body = csr_payload(pbmc.X, pbmc.var_names, model="default", reference_atlas="human-core-2026")
