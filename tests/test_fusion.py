@@ -143,3 +143,15 @@ def test_node_calibration_fits_rightness():
     assert fusion.expected_calibration_error(np.ones(3000), y) > 0.2  # an overconfident score is not calibrated
     again = calls.NodeCalibration.from_dict(cal.to_dict())
     assert np.allclose(again.predict(F), cal.predict(F))
+
+
+def test_no_neighbours_means_no_neighbour_label_term():
+    """Markers only (no label seen by neighbours): the novel option's neighbour-label term is 0,
+    whatever order the candidates come in."""
+    z = [[5.0, -3.0]]
+    a = fusion.design(_evidence(z, [[0.0, 0.0]], [False, False]))
+    b = fusion.design(_evidence([[-3.0, 5.0]], [[0.0, 0.0]], [False, False]))
+    j = fusion.FEATURES.index("novel_x_neighbour_label_z")
+    assert a[0, -1, j] == 0.0 and b[0, -1, j] == 0.0
+    seen = fusion.design(_evidence(z, [[0.2, 0.8]], [True, True]))
+    assert seen[0, -1, j] == -3.0  # the label the neighbours voted for

@@ -124,3 +124,15 @@ def test_neighbour_stats_of_a_sample_match_the_full_reference():
     assert sampled != full
     assert abs(sampled["median"] - full["median"]) < 0.1 * full["median"]
     assert abs(sampled["mad"] - full["mad"]) < 0.3 * full["mad"]
+
+
+def test_neighbours_an_ivf_index_did_not_find_are_replaced_by_the_nearest_found():
+    from cellatlas.neighbours import fill_missing
+
+    sim = np.array([[0.9, 0.8, -3.4e38], [-3.4e38, -3.4e38, -3.4e38]], dtype=np.float32)
+    idx = np.array([[4, 7, -1], [-1, -1, -1]])
+    s, i = fill_missing(sim, idx)
+    assert i.tolist() == [[4, 7, 4], [0, 0, 0]]
+    assert np.allclose(s, [[0.9, 0.8, 0.9], [-1.0, -1.0, -1.0]])
+    z = fusion.ood_z((1.0 - s).mean(axis=1), 0.2, 0.05)
+    assert np.isfinite(z).all() and z[1] > z[0]  # nothing found reads as far, not as overflow

@@ -66,6 +66,15 @@ def test_stack_unions_genes_and_profiles_fill_only_gaps_of_their_species():
     assert counts[part == 0][:, gi].nnz == 0  # not measured by the cell source: zero there
 
 
+def test_cells_without_a_label_are_left_out_not_labelled_nan():
+    rng = np.random.default_rng(4)
+    a = _adata(rng.poisson(3.0, (12, 4)), ["CD3E", "MS4A1", "LYZ", "ACTB"], ["T cell"] * 5 + ["B cell"] * 5 + [None, np.nan])
+    part = prepare(Source("x", a))
+    assert sorted(set(part.labels)) == ["B cell", "T cell"] and len(part.labels) == 10
+    mapped = prepare(Source("y", a, label_map={"T cell": "T cell", "B cell": "B cell"}))  # no need to map "nan"
+    assert len(mapped.labels) == 10
+
+
 def test_truth_options_accept_every_candidate_under_a_coarse_truth():
     parents = {"Naive CD4 T cell": "CD4 T cell", "Memory CD4 T cell": "CD4 T cell", "CD4 T cell": "T cell",
                "CD8 T cell": "T cell", "T cell": "Lymphocyte", "B cell": "Lymphocyte", "NK cell": "Lymphocyte"}

@@ -272,8 +272,9 @@ def _annotate_chunk(rt: AtlasRuntime, query: Query, plan, rows: slice) -> Annota
     kl, ml = sc.vote.argmax(axis=1), sc.marker_prob.argmax(axis=1)
     r = np.arange(len(kl))
     above = rt.hierarchy.above
+    voted = sc.vote[r, kl] > 0  # no neighbours when the atlas runs on markers alone: no neighbours' label
     # Both signals fall at or below the call: the neighbours' label and the markers' best label.
-    agreement = above[rt.ref_node[kl], sc.call] & above[ml, sc.call]
+    agreement = voted & above[rt.ref_node[kl], sc.call] & above[ml, sc.call]
     return AnnotationResult(
         cell_ids=query.cell_ids[rows],
         label=nodes[sc.call],
@@ -282,7 +283,7 @@ def _annotate_chunk(rt: AtlasRuntime, query: Query, plan, rows: slice) -> Annota
         level=np.where(sc.coarse, "coarse", "fine").astype(object),
         alternates=rt.alternates(sc),
         markers=rt.expressed_markers(sc),
-        knn_label=ref_labels[kl],
+        knn_label=np.where(voted, ref_labels[kl], ""),
         knn_prob=sc.vote[r, kl].astype(np.float32),
         marker_label=cands[ml],
         marker_score=sc.marker_prob[r, ml].astype(np.float32),

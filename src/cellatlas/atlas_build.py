@@ -190,6 +190,9 @@ def assemble(
     }
     base = merge_markers(curated, derived)
     candidates = _candidates(ref_labels, marker_labels, base, parents)
+    if not candidates:
+        raise InputError("The reference gives no label the atlas could call (every label is a grouping of others).",
+                         fix="Label the reference cells with specific types, or pass marker_labels='all'.", field="label_key")
     grouping = {p for p in load_labels()["parent"] if isinstance(p, str) and p} | set(parents.values())
     sets = _effective_markers([r["label"] for r in rows], base, parents)
     foils = _foil_sets(candidates, grouping, curated)

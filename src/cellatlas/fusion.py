@@ -16,10 +16,9 @@ The evidence (computed in :mod:`cellatlas.runtime`):
 curated type the atlas cannot call" (foils) and "none of these" (novel). Its few
 coefficients are shared by all labels, so it transfers to label sets it was not fitted
 on; they are fitted at build time on held-out cells (other datasets, labels held out,
-thinned and corrupted cells: :mod:`cellatlas.training`). The probabilities are the
-confidence: a node's mass (its candidates' summed probability) is the probability that the
-cell is that node or below it, so the call's confidence and its parent's come out of the
-same model, and the novel option's probability caps both.
+thinned and corrupted cells: :mod:`cellatlas.training`). A node's mass (its candidates'
+summed probability) is what :mod:`cellatlas.calls` calibrates into the call's and its
+parent's confidence; the novel option's probability caps both.
 """
 
 from __future__ import annotations
@@ -30,8 +29,8 @@ import numpy as np
 
 K_NEIGHBOURS = 15
 NOVEL_THRESHOLD = 0.5
-"""A cell is flagged novel when "none of the atlas's labels" is more likely than not; its call's
-confidence is then below 0.5 by construction."""
+"""A cell is flagged novel when "none of the atlas's labels" is at least as likely as not; its
+call's confidence is then at most 0.5 by construction."""
 EPS = 1e-3
 """Floor of a neighbour-vote share before its logarithm (a vote of 0 out of 15 neighbours is not certainty)."""
 
@@ -121,7 +120,9 @@ def design_by_feature(ev: Evidence) -> np.ndarray:
         rows = np.arange(n)
         X[i["novel_x_best_marker_z"], :, -1] = ev.z[:, :c].max(axis=1)
         X[i["novel_x_distance"], :, -1] = ev.distance
-        X[i["novel_x_neighbour_label_z"], :, -1] = ev.z[rows, np.where(ev.seen[None, :], ev.knn, -1.0).argmax(axis=1)]
+        voted = np.where(ev.seen[None, :], ev.knn, -1.0)
+        top = voted.argmax(axis=1)  # no neighbours (markers only): no neighbours' label, the term is 0
+        X[i["novel_x_neighbour_label_z"], :, -1] = np.where(voted[rows, top] > 0, ev.z[rows, top], 0.0)
         top2 = np.partition(ev.z[:, :c], -2, axis=1)[:, -2:] if c > 1 else np.hstack([ev.z[:, :c], ev.z[:, :c]])
         X[i["novel_x_marker_z_margin"], :, -1] = top2.max(axis=1) - top2.min(axis=1)
     return X

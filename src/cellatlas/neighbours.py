@@ -100,6 +100,23 @@ def downsample(counts: sp.csr_matrix, target: float, seed: int = 0) -> sp.csr_ma
     return thin(counts, np.minimum(1.0, target / np.maximum(depth, 1.0)), seed=seed)
 
 
+
+def fill_missing(sim: np.ndarray, idx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Neighbours an approximate (IVF) index did not find (index -1) replaced by the nearest one found.
+
+    A row with none found points at reference cell 0 at the largest cosine distance (2), so the
+    cell reads as far from the reference rather than carrying faiss's -3.4e38 sentinel along.
+    """
+    missing = idx < 0
+    if not missing.any():
+        return sim, idx
+    sim, idx = sim.copy(), idx.copy()
+    none = missing[:, 0]
+    sim[none, 0], idx[none, 0] = -1.0, 0
+    sim = np.where(missing, sim[:, :1], sim)
+    idx = np.where(missing, idx[:, :1], idx)
+    return sim, idx
+
 class DepthMatchedIndex:
     """Nearest reference neighbours at the query cell's sequencing depth.
 
@@ -198,6 +215,6 @@ class DepthMatchedIndex:
             rows = np.nonzero(level == lv)[0]
             index, stats = self.level(int(lv))
             with faiss_threads(1):
-                sim[rows], idx[rows] = index.search(emb[rows], k)
+                sim[rows], idx[rows] = fill_missing(*index.search(emb[rows], k))
             z[rows] = fusion.ood_z((1.0 - sim[rows]).mean(axis=1), stats["median"], stats["mad"])
         return sim, idx, z

@@ -26,7 +26,7 @@ from cellatlas.encoders import get_encoder
 from cellatlas.encoders.default import DefaultEncoder
 from cellatlas.errors import AtlasModelMismatchError, GeneMismatchError
 from cellatlas.markers import compile_markers, marker_null_z, rank_scores, score_markers
-from cellatlas.neighbours import DepthMatchedIndex, faiss_threads, neighbour_stats, thin
+from cellatlas.neighbours import DepthMatchedIndex, faiss_threads, fill_missing, neighbour_stats, thin
 from cellatlas.result import Alternates
 from cellatlas.runtime_store import RuntimeStore, pack_json, runtime_key, unpack_json
 from cellatlas.sparse import ColumnPlan
@@ -92,9 +92,9 @@ class Scored:
     marker_prob: np.ndarray  # [n, n_cand] what the marker terms alone say
     call: np.ndarray  # called hierarchy node
     coarse: np.ndarray  # the call is above a candidate (a grouping node)
-    confidence: np.ndarray  # probability that the call is right (its node's mass)
+    confidence: np.ndarray  # calibrated probability that the call is right (calls.NodeCalibration), capped by 1 - P(novel)
     parent: np.ndarray  # parent node of the call, -1 at a root
-    parent_confidence: np.ndarray  # the parent's mass (NaN: no parent)
+    parent_confidence: np.ndarray  # the parent's calibrated probability (NaN: no parent)
     novel: np.ndarray
     ranks: sp.csr_matrix
 
@@ -349,7 +349,7 @@ class AtlasRuntime:
         if self.depth_index is not None:
             return self.depth_index.search(emb, depth, k)
         with faiss_threads(1):
-            sim, idx = self.index.search(np.ascontiguousarray(emb, dtype=np.float32), k)
+            sim, idx = fill_missing(*self.index.search(np.ascontiguousarray(emb, dtype=np.float32), k))
         return sim, idx, fusion.ood_z((1.0 - sim).mean(axis=1), self.dist["median"], self.dist["mad"])
 
     def _foundation_embed(self, counts: sp.csr_matrix) -> np.ndarray:

@@ -30,7 +30,8 @@ import numpy as np
 
 FORMAT = 1
 """Bump when a group changes shape: stored groups of another format are not read."""
-_CODE = ("runtime.py", "neighbours.py", "markers.py", "ranks.py", "sparse.py", "encoders/default.py", "runtime_store.py")
+_CODE = ("runtime.py", "neighbours.py", "markers.py", "ranks.py", "sparse.py", "encoders/default.py", "runtime_store.py",
+         "refindex.py", "fusion.py")
 
 
 @lru_cache(maxsize=1)

@@ -156,11 +156,13 @@ def prepare(src: Source, *, seed: int = 0, pseudo_depth: float = 3000.0, dispers
     a = src.adata
     if src.label_key not in a.obs.columns:
         raise InputError(f"Source {src.name!r}: obs has no column {src.label_key!r}.", fix="Pass label_key.", field="label_key")
-    raw = a.obs[src.label_key].astype(str).to_numpy()
+    col = a.obs[src.label_key]
+    has = col.notna().to_numpy()  # cells without a label are left out, never labelled "nan"
+    raw = col.astype(str).to_numpy()
     table = src.label_map
-    labels = np.array([table.get(x, x) if table is not None else x for x in raw], dtype=object)
+    labels = np.array([(table.get(x, x) if table is not None else x) if h else None for x, h in zip(raw, has)], dtype=object)
     if table is not None:
-        missing = sorted({x for x in raw if x not in table})
+        missing = sorted({x for x, h in zip(raw, has) if h and x not in table})
         if missing:
             raise InputError(f"Source {src.name!r}: labels {missing[:5]} are not in its label map.",
                              fix="Map every label (to None to leave it out).", field="label_map")

@@ -143,7 +143,7 @@ def _score(atlas: Atlas, part: Prepared, rows: np.ndarray, model: str, encoder, 
             try:
                 runtimes[key] = AtlasRuntime(atlas, model, list(g), encoder=encoder)
             except CellAtlasError:
-                runtimes[key] = None  # too few shared genes: a query like this is refused, not called
+                runtimes[key] = None  # no runtime for these genes: no case
         rt = runtimes[key]
         if rt is None:
             continue
@@ -185,8 +185,8 @@ def fit_fusion(
     n_folds: int = 5,
     seed: int = 0,
     log: Callable[[str], None] | None = None,
-) -> fusion.FusionModel:
-    """Fit the fusion model of ``atlas`` on held-out cases of its sources (see the module docstring).
+) -> tuple[fusion.FusionModel, calls.NodeCalibration]:
+    """Fit the fusion model of ``atlas`` and its node calibration on held-out cases of its sources (see the module docstring).
 
     ``assemble_kw`` are the arguments :func:`cellatlas.atlas_build.assemble` built ``atlas``
     with; ``embedding`` the reference's foundation-model embedding (rows as the stacked

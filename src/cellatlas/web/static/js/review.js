@@ -40,7 +40,7 @@ export function renderInspector(el, cell) {
     ${cell.reason ? `<span class="cell-orig cell-unassigned">Not called: ${esc(cell.reason)}</span>` : ""}
     <dl class="kv">
       <dt>Cell</dt><dd><code>${esc(cell.cell_id)}</code> (#${cell.index})</dd>
-      <dt>Neighbours say</dt><dd>${esc(ev.knn_label)} (${(ev.knn_prob * 100).toFixed(0)}% of vote)</dd>
+      <dt>Neighbours say</dt><dd>${ev.knn_label ? `${esc(ev.knn_label)} (${(ev.knn_prob * 100).toFixed(0)}% of vote)` : "— (markers only: too few atlas panel genes for neighbours)"}</dd>
       <dt>Markers say</dt><dd>${esc(ev.marker_label)} (score ${ev.marker_score.toFixed(2)})</dd>
       <dt>Signals agree</dt><dd>${ev.agreement ? "yes" : "no"}${cell.novel ? " · <b>unlike the atlas (novel?)</b>" : ""}</dd>
       <dt>Ontology</dt><dd>${esc(cell.ontology_id || "—")} · ${esc(cell.level)}</dd>
