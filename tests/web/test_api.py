@@ -102,7 +102,10 @@ def test_results_payload(client, finished, cells):
     assert res["histogram"]["thresholds"] == {"review": 0.4, "confident": 0.7}
     bands = res["summary"]["bands"]
     conf = np.asarray(p["confidence"])
-    assert bands["confident"] == int((conf >= 0.7).sum()) and sum(bands.values()) == n
+    confident = np.asarray(p["band"]) == 0  # band codes: 0 confident, 1 review, 2 low
+    assert bands["confident"] == int(confident.sum()) and sum(bands.values()) == n
+    # bands come from the unrounded confidence; the payload's is rounded to 3 decimals
+    assert confident[conf >= 0.7005].all() and not confident[conf < 0.6995].any()
     # QC flags: computed from the counts, flagged cells kept
     qc = res["summary"]["qc"]
     assert qc["n_flagged"] == qc["n_low_counts"] == int((totals < np.median(totals)).sum())
