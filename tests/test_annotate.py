@@ -262,7 +262,7 @@ def test_cells_placed_among_reference_cells_they_do_not_resemble_are_flagged():
     the trophectoderm is the first epithelium): each must be flagged or called a label outside
     the blood lineage, never an unflagged blood type. The same model must leave a PBMC
     dataset's cells nearly all unflagged (Kang, 2,511 genes; its 1,267-gene example subset,
-    which lacks CD79A/B, CD19 and most other B-cell markers, has 27% of its B cells flagged).
+    which lacks CD79A/B, CD19 and most other B-cell markers, has 26% of its B cells flagged).
     """
     import anndata as ad
 
