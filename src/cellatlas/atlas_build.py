@@ -29,7 +29,7 @@ from cellatlas.atlas import Atlas
 from cellatlas.encoders import get_encoder
 from cellatlas.encoders.default import DefaultEncoder
 from cellatlas.errors import InputError
-from cellatlas.markers import derive_markers, load_curated_markers, load_labels, merge_markers
+from cellatlas.markers import derive_markers, load_curated_markers, load_labels, merge_markers, parent_chain
 from cellatlas.neighbours import neighbour_stats
 from cellatlas.sources import Source, measured_by_all, prepare_sources, source_table, stack
 
@@ -90,14 +90,6 @@ def _label_rows(ref_labels: list[str], extra: list[str], ontology: dict[str, str
     return list(rows.values()), parents
 
 
-def _chain(label: str, parents: dict[str, str]) -> list[str]:
-    out, p = [], parents.get(label, "")
-    while p:
-        out.append(p)
-        p = parents.get(p, "")
-    return out
-
-
 def _effective_markers(labels: list[str], base: dict[str, dict], parents: dict[str, str]) -> dict[str, dict]:
     """Own positives plus the parent's; own negatives plus every ancestor's."""
     out = {}
@@ -105,7 +97,7 @@ def _effective_markers(labels: list[str], base: dict[str, dict], parents: dict[s
         own = base.get(lab, {"positive": [], "negative": []})
         pos = list(own.get("positive", []))
         neg = list(own.get("negative", []))
-        chain = _chain(lab, parents)
+        chain = parent_chain(lab, parents)
         if chain:
             pos += [g for g in base.get(chain[0], {}).get("positive", []) if g not in pos and g not in neg]
         for a in chain:
@@ -126,7 +118,7 @@ def _candidates(ref_labels: list[str], marker_labels: Sequence[str], base: dict,
         m for m in marker_labels if len(base.get(m, {}).get("positive", [])) >= MIN_MARKERS
     ]))
     merged = {**table_parents, **parents}
-    above = {a for lab in pool for a in _chain(lab, merged)}
+    above = {a for lab in pool for a in parent_chain(lab, merged)}
     return [lab for lab in pool if lab not in above]
 
 
@@ -140,10 +132,10 @@ def _foil_sets(candidates: Sequence[str], grouping: set[str], curated: dict[str,
     table = load_labels()
     parents = {lab: (p if isinstance(p, str) else "") for lab, p in table["parent"].items()}
     cand = set(candidates)
-    related = cand | {a for c in cand for a in _chain(c, parents)}
+    related = cand | {a for c in cand for a in parent_chain(c, parents)}
     names = [
         lab for lab in table.index
-        if lab not in related and lab not in grouping and not (set(_chain(lab, parents)) & cand)
+        if lab not in related and lab not in grouping and not (set(parent_chain(lab, parents)) & cand)
         and len(curated.get(lab, {}).get("positive", [])) >= MIN_MARKERS
     ]
     sets = _effective_markers(names, curated, parents)

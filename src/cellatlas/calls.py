@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from cellatlas.fusion import EPS, Evidence, Hierarchy, NOVEL_THRESHOLD
+from cellatlas.fusion import EPS, Evidence, Hierarchy, NOVEL_THRESHOLD, stored_coef
 
 NODE_FEATURES = (
     "logit_mass", "neighbours_agree", "markers_agree", "log_best_vote", "best_marker_z", "distance",
@@ -92,10 +92,7 @@ class NodeCalibration:
     def from_dict(cls, d: dict | None) -> "NodeCalibration":
         if not d or "coef" not in d:
             return cls.default()
-        coef = d["coef"]
-        if isinstance(coef, dict):
-            coef = [float(coef.get(k, 0.0)) for k in NODE_FEATURES]
-        return cls(np.asarray(coef, dtype=np.float64), float(d.get("intercept", 0.0)), dict(d.get("summary", {})))
+        return cls(stored_coef(d["coef"], NODE_FEATURES), float(d.get("intercept", 0.0)), dict(d.get("summary", {})))
 
     def to_dict(self) -> dict:
         return {"coef": {k: float(v) for k, v in zip(NODE_FEATURES, self.coef)}, "intercept": self.intercept,

@@ -24,6 +24,7 @@ parent's confidence; the novel option's probability caps both.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Sequence
 
 import numpy as np
 
@@ -128,6 +129,13 @@ def design_by_feature(ev: Evidence) -> np.ndarray:
     return X
 
 
+def stored_coef(coef, names: Sequence[str]) -> np.ndarray:
+    """Coefficients as stored in an atlas: by name (a name an older file lacks reads 0) or in ``names`` order."""
+    if isinstance(coef, dict):
+        coef = [float(coef.get(k, 0.0)) for k in names]
+    return np.asarray(coef, dtype=np.float64)
+
+
 def softmax(u: np.ndarray) -> np.ndarray:
     u = u - u.max(axis=1, keepdims=True)
     e = np.exp(u)
@@ -153,10 +161,7 @@ class FusionModel:
     def from_dict(cls, d: dict | None) -> "FusionModel":
         if not d or "coef" not in d:
             return cls.default()
-        coef = d["coef"]
-        if isinstance(coef, dict):
-            coef = [float(coef.get(k, 0.0)) for k in FEATURES]
-        return cls(np.asarray(coef, dtype=np.float64), dict(d.get("summary", {})))
+        return cls(stored_coef(d["coef"], FEATURES), dict(d.get("summary", {})))
 
     def to_dict(self) -> dict:
         return {"coef": {k: float(v) for k, v in zip(FEATURES, self.coef)}, "summary": self.summary}

@@ -120,8 +120,13 @@ def ancestors(label: str, labels_df: pd.DataFrame) -> list[str]:
             fix="Use one of the labels of the atlas (see load_labels().index).",
             field="label",
         )
+    return parent_chain(label, parents)
+
+
+def parent_chain(label: str, parents: Mapping[str, str]) -> list[str]:
+    """Ancestors of ``label`` in a ``{label: parent}`` mapping, nearest first (``""``/NaN: no parent)."""
     chain: list[str] = []
-    p = parents[label]
+    p = parents.get(label, "")
     while isinstance(p, str) and p:
         if p in chain or p == label:
             raise InputError(f"The label hierarchy has a cycle through {p!r}.", fix="Give every label a parent higher up.")

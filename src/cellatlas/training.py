@@ -33,7 +33,7 @@ import numpy as np
 from cellatlas import calls, fusion
 from cellatlas.atlas import Atlas
 from cellatlas.errors import CellAtlasError
-from cellatlas.markers import load_labels
+from cellatlas.markers import load_labels, parent_chain
 from cellatlas.neighbours import thin
 from cellatlas.sources import NOVEL, Prepared, source_table, stack
 
@@ -75,14 +75,7 @@ def truth_options(truth: Sequence[str], candidates: list[str], foils: list[str],
     the atlas resolves); else for a foil at or below it; else "novel". ``None`` truths get no
     right option (the case is left out).
     """
-    def chain(lab: str) -> list[str]:
-        out, p = [lab], parents.get(lab, "")
-        while p and p not in out:
-            out.append(p)
-            p = parents.get(p, "")
-        return out
-
-    lineage = {c: chain(c) for c in candidates + foils}
+    lineage = {c: [c, *parent_chain(c, parents)] for c in candidates + foils}
     n_c, n_f = len(candidates), len(foils)
     cache: dict[str, np.ndarray] = {}
     out = np.zeros((len(truth), n_c + n_f + 1), dtype=bool)
@@ -96,7 +89,7 @@ def truth_options(truth: Sequence[str], candidates: list[str], foils: list[str],
                 if below:
                     row[below] = True
                 else:
-                    up = [c for c in chain(t)[1:] if c in candidates]
+                    up = [c for c in parent_chain(t, parents) if c in candidates]
                     if up:
                         row[candidates.index(up[0])] = True
                     else:
@@ -239,10 +232,11 @@ def fit_fusion(
     X, T, A = _padded(cases)
     w = np.concatenate([np.full(len(c.truth), c.weight / max(len(c.truth), 1)) for c in cases])
     fitted = fusion.fit(X, T, w, available=A)
-    rows = [calls.training_rows(c.evidence, fitted.probabilities(c.evidence), c.truth, c.hierarchy) for c in cases]
+    probs = [fitted.probabilities(c.evidence) for c in cases]
+    rows = [calls.training_rows(c.evidence, p, c.truth, c.hierarchy) for c, p in zip(cases, probs)]
     cw = np.concatenate([np.full(len(y), c.weight / max(len(c.truth), 1)) for c, (_, y) in zip(cases, rows)])
     calibration = calls.fit_calibration(np.vstack([F for F, _ in rows]), np.concatenate([y for _, y in rows]), cw)
-    fitted.summary.update(_summary(fitted, calibration, cases))
+    fitted.summary.update(_summary(calibration, cases, probs))
     log(f"  fusion model fitted on {len(T)} held-out cases: {fitted.summary['by_variant']}")
     return fitted, calibration
 
@@ -263,21 +257,20 @@ def _padded(cases: list[Cases]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     return X, T, A
 
 
-def _summary(model: fusion.FusionModel, calibration: "calls.NodeCalibration", cases: list[Cases]) -> dict:
+def _summary(calibration: "calls.NodeCalibration", cases: list[Cases], probs: list[np.ndarray]) -> dict:
     """Held-out accuracy, mean confidence and ECE of the calls (in sample for the few fitted coefficients), per variant and source."""
-    def stats(group: list[Cases]) -> dict:
-        right, conf = [], []
-        for c in group:
-            prob = model.probabilities(c.evidence)
-            call, cf, *_ = calls.decide(c.evidence, prob, c.hierarchy, calibration)
-            under = c.truth[:, : c.hierarchy.n_cand].astype(np.float32) @ c.hierarchy.member.astype(np.float32) > 0
-            right.append(under[np.arange(len(call)), call])
-            conf.append(cf)
-        r, cf = np.concatenate(right), np.concatenate(conf)
+    per = []  # (right, confidence) of each case's calls
+    for c, prob in zip(cases, probs):
+        call, cf, *_ = calls.decide(c.evidence, prob, c.hierarchy, calibration)
+        under = c.truth[:, : c.hierarchy.n_cand].astype(np.float32) @ c.hierarchy.member.astype(np.float32) > 0
+        per.append((under[np.arange(len(call)), call], cf))
+
+    def stats(which: list[int]) -> dict:
+        r, cf = np.concatenate([per[i][0] for i in which]), np.concatenate([per[i][1] for i in which])
         return {"n": int(len(r)), "accuracy": round(float(r.mean()), 4), "mean_confidence": round(float(cf.mean()), 4),
                 "ece": round(fusion.expected_calibration_error(cf, r), 4)}
 
-    by_variant = {v: stats([c for c in cases if c.variant == v]) for v in dict.fromkeys(c.variant for c in cases)}
-    by_source = {s: stats([c for c in cases if c.source == s and c.variant == "as sent"])
-                 for s in dict.fromkeys(c.source for c in cases) if any(c.source == s and c.variant == "as sent" for c in cases)}
+    by_variant = {v: stats([i for i, c in enumerate(cases) if c.variant == v]) for v in dict.fromkeys(c.variant for c in cases)}
+    sent = {s: [i for i, c in enumerate(cases) if c.source == s and c.variant == "as sent"] for s in dict.fromkeys(c.source for c in cases)}
+    by_source = {s: stats(which) for s, which in sent.items() if which}
     return {"by_variant": by_variant, "by_source": by_source, "features": list(fusion.FEATURES)}
