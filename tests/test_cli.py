@@ -36,6 +36,15 @@ def test_errors_are_one_line_exit_2(small_h5ad, tmp_path):
     assert r.output.strip().count("\n") <= 2  # one readable line (wrapped at most once by the terminal)
 
 
+def test_python_dash_m_runs_the_same_command_line(tmp_path):
+    import subprocess
+    import sys
+
+    r = subprocess.run([sys.executable, "-m", "cellatlas", "annotate", str(tmp_path / "missing.h5ad")],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and "missing.h5ad" in r.stdout + r.stderr
+
+
 def test_atlas_list_and_info():
     r = runner.invoke(app, ["atlas", "list"])
     assert r.exit_code == 0 and "human-core" in r.output

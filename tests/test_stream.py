@@ -203,3 +203,22 @@ def test_import_loads_no_heavy_dependency():
             "print(sorted(m for m in ('faiss', 'scanpy', 'fastapi', 'sqlalchemy', 'anndata', 'dask', 'torch', 'httpx', 'scipy.signal', 'matplotlib') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+def test_a_writer_failing_mid_run_stops_the_run_and_leaves_no_partial_file(files, tmp_path, monkeypatch):
+    """An output that cannot be written stops the run with its error and removes every half-written file."""
+    from cellatlas import stream_write
+
+    real, seen = stream_write.CallsWriter.write, []
+
+    def fail_on_third(self, part):
+        seen.append(len(part))
+        if len(seen) == 3:
+            raise OSError("disk full")
+        real(self, part)
+
+    monkeypatch.setattr(stream_write.CallsWriter, "write", fail_on_third)
+    with pytest.raises(OSError, match="disk full"):
+        annotate_file(files / "cells.h5ad", calls=tmp_path / "c.csv", output=tmp_path / "o.h5ad", chunk_size=CHUNK)
+    assert len(seen) == 3  # the parts after the failing one were not written
+    assert not list(tmp_path.iterdir())  # neither output nor a temporary file is left
