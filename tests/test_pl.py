@@ -98,10 +98,11 @@ def test_embedding_computes_a_umap_when_the_data_have_none(annotated, tmp_path):
     assert "UMAP of the cellatlas embedding" in fig.axes[0].get_title()
     _png(fig, tmp_path / "computed.png")
     # cells the cellatlas embedding puts together are together on the map: B cells are one island
+    # (medians, so that a few cells called B cell elsewhere do not decide the test)
     xy, b = a.obsm["X_umap_cellatlas"], (a.obs["cell_type"] == "B cell").to_numpy()
-    d_in = np.linalg.norm(xy[b] - xy[b].mean(0), axis=1).mean()
-    d_out = np.linalg.norm(xy[~b] - xy[b].mean(0), axis=1).mean()
-    assert d_in < 0.5 * d_out
+    centre = np.median(xy[b], axis=0)
+    d_in, d_out = (np.median(np.linalg.norm(xy[m] - centre, axis=1)) for m in (b, ~b))
+    assert d_in < 0.25 * d_out, (d_in, d_out)
 
 
 def test_unassigned_is_grey_and_last(annotated):

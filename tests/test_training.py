@@ -60,6 +60,8 @@ def test_groups_are_held_out_in_turn_and_the_fit_is_recorded(world):
     fus = atlas.meta["models"]["default"]["fusion"]
     assert fus["summary"]["fitted"] and fus["calibration"]["summary"]["fitted"]
     assert {"blood_a", "blood_b", "pancreas", "held_out_blood"} <= set(fus["summary"]["by_source"])
+    # each real-cell source is also held out against a reference holding its own other cells
+    assert {"blood_a (own study)", "blood_b (own study)", "pancreas (own study)"} <= set(fus["summary"]["by_source"])
     assert set(atlas.reference_labels) == {"T cell", "B cell", "CD14 monocyte", "Pancreatic beta cell"}
     assert "Neuron" in atlas.meta["candidates"] and "Neuron" not in atlas.reference_labels
 

@@ -9,6 +9,9 @@ not contain:
   cross-dataset, cross-technology and cross-species shifts are in the training data, as are
   labels only the held-out group has (they become marker-defined labels of that atlas);
   with one group, folds of its cells (by donor or batch where known);
+* **the same study**: a third of each real-cell source's cells scored against all the other
+  reference cells, its own included (a tissue the atlas holds, read with the reference's own
+  protocol);
 * **labels held out**: in every fold a share of the remaining reference labels loses its
   reference cells (the label stays a marker-defined candidate when the atlas has curated
   markers for it, else it becomes a type the atlas cannot call);
@@ -169,6 +172,25 @@ def _folds_within(part: Prepared, n_folds: int, seed: int) -> list[np.ndarray]:
     return [test for _, test in StratifiedKFold(n_splits=k, shuffle=True, random_state=seed).split(labels, labels)]
 
 
+def _own_study_folds(ref: list[Prepared], seed: int) -> list[tuple[list[np.ndarray], list[tuple[Prepared, np.ndarray]]]]:
+    """One fold per real-cell reference source: a third of its cells (by donor or batch where there are
+    3+, else stratified) held out against every other reference cell, its own other cells included.
+
+    Leaving whole groups out only shows the model queries from a study the reference lacks; a user
+    whose tissue the atlas holds sends cells like these, whose nearest reference cells are of their
+    own kind and protocol.
+    """
+    folds = []
+    for i, p in enumerate(ref):
+        if p.kind != "cells" or len(np.unique(p.labels)) < 2:
+            continue
+        test = _folds_within(p, 3, seed)[0]
+        train = [np.setdiff1d(np.arange(len(q.labels)), test) if j == i else np.arange(len(q.labels)) for j, q in enumerate(ref)]
+        held = Prepared(f"{p.name} (own study)", p.group, p.kind, p.counts, p.genes, p.labels, p.obs, p.report)
+        folds.append((train, [(held, test)]))
+    return folds
+
+
 def fit_fusion(
     prepared: list[Prepared],
     assemble_kw: dict,
@@ -202,6 +224,7 @@ def fit_fusion(
         for g in groups:
             train = [np.arange(len(p.labels)) if p.group != g else np.zeros(0, int) for p in ref]
             folds.append((train, [(p, np.arange(len(p.labels))) for p in prepared if p.group == g]))
+        folds += _own_study_folds(ref, seed)
     else:
         for test in _folds_within(ref[0], n_folds, seed):
             train = [np.setdiff1d(np.arange(len(ref[0].labels)), test)]
