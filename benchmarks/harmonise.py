@@ -144,6 +144,32 @@ def hierarchical_correct(pred: Sequence[str], truth: Sequence[str], parents: Map
     )
 
 
+def judged_claims(pred: Sequence[str], conf: np.ndarray, parent_conf: np.ndarray, truth: Sequence[str],
+                  parents: Mapping[str, str]) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """The claim the truth can judge for each call: its confidence, whether it is right, whether it
+    is judged, and whether the call was finer than the truth.
+
+    A call at, above or beside the truth is judged as made (right when the truth is the call or
+    below it). A call finer than the truth ("Naive CD4 T cell" where the truth says "CD4 T
+    cell") makes a claim the truth cannot check; the claim one level up, "CD4 T cell" with the
+    call's ``parent_confidence``, is judged instead (right), and where even the parent is finer
+    than the truth the cell is left out (not judged).
+    """
+    pred = [str(p) for p in pred]
+    truth = [str(t) for t in truth]
+    conf, pc = np.asarray(conf, float).copy(), np.asarray(parent_conf, float)
+    ok = hierarchical_correct(pred, truth, parents)
+    judged, finer = np.ones(len(pred), dtype=bool), np.zeros(len(pred), dtype=bool)
+    for i, (p, t) in enumerate(zip(pred, truth)):
+        if p != t and t in lineage(p, parents):
+            finer[i] = True
+            if parents.get(p) == t and np.isfinite(pc[i]):
+                conf[i] = pc[i]
+            else:
+                judged[i] = False
+    return conf, ok, judged, finer
+
+
 def shared_level_confidence(
     pred: Sequence[str], conf: np.ndarray, parent_conf: np.ndarray | None, level_set: Iterable[str], parents: Mapping[str, str]
 ) -> tuple[np.ndarray, np.ndarray]:

@@ -11,7 +11,11 @@ In the same run, on the same coarse vocabulary (``coarse.py``):
   (the same sources, stacked; pseudo-cells included), and SingleR with ``--zeroshot-singler``.
 
 Calibration is judged at the label the call makes: a call is right when the truth is that
-label, below it, or above it (a truth coarser than the call cannot judge the finer part).
+label or below it (a call coarser than the truth is right, only less specific). A call finer
+than the truth ("Naive CD4 T cell" where the truth says "CD4 T cell") makes a claim the truth
+cannot check: the claim one level up, with the call's parent confidence, is judged instead
+(``harmonise.judged_claims``). ``ece_counting_finer_calls_right`` keeps the earlier, lenient
+reading (every finer call right at its own confidence).
 """
 
 from __future__ import annotations
@@ -66,19 +70,24 @@ def engine_metrics(res, truth: np.ndarray, atlas) -> dict:
     })
     keep = has & called
     if keep.any():
-        ok = hm.hierarchical_correct(res.label[keep], truth[keep], ap)
-        conf = np.asarray(res.confidence, float)[keep]
+        call_conf = np.asarray(res.confidence, float)[keep]
+        conf, ok, judged, finer = hm.judged_claims(res.label[keep], call_conf, np.asarray(res.parent_confidence, float)[keep],
+                                            truth[keep], ap)
         conf_band = band[keep] == "confident"
         fine = np.asarray(res.level, dtype=object)[keep] == "fine"
+        c, k = conf[judged], ok[judged]
         row.update({
-            "accuracy_at_call": float(ok.mean()), "ece": hm.ece(conf, ok), "brier": hm.brier(conf, ok),
-            "mean_confidence": float(conf.mean()), "reliability": hm.reliability_bins(conf, ok),
+            "accuracy_at_call": float(k.mean()), "ece": hm.ece(c, k), "brier": hm.brier(c, k),
+            "mean_confidence": float(c.mean()), "reliability": hm.reliability_bins(c, k),
+            "judged_share": float(judged.mean()),
+            "finer_than_truth_share": float(finer.mean()),
+            "ece_counting_finer_calls_right": hm.ece(call_conf, ok),
             "confident_share": float(conf_band.mean()),
             "confident_accuracy": float(ok[conf_band].mean()) if conf_band.any() else None,
             "coarse_call_share": float(1.0 - fine.mean()),
             "fine_call_accuracy": float(ok[fine].mean()) if fine.any() else None,
-            "risk_coverage": risk_coverage(conf, ok),
-            "_pool": (conf, ok),
+            "risk_coverage": risk_coverage(c, k),
+            "_pool": (c, k),
         })
     return row
 
@@ -163,13 +172,13 @@ def thinning(args, load, lodo: Lodo, log=print) -> list[dict]:
         if f < 1:
             b.X = thin(b.X.tocsr(), f, seed=0)
         res = cellatlas.annotate(b, atlas=atlas)
-        called = res.label != "Unassigned"
-        ok = hm.hierarchical_correct(res.label, truth, ap)
+        conf, ok, judged, _ = hm.judged_claims(res.label, res.confidence, res.parent_confidence, truth, ap)
+        called = (res.label != "Unassigned") & judged
         depth = np.asarray(b.X.sum(axis=1)).ravel()
         out.append({"fraction": f, "median_counts": float(np.median(depth)), "mean_confidence": float(res.confidence.mean()),
                     "accuracy_at_call": float(ok[called].mean()) if called.any() else None,
-                    "confident_share": float(np.mean(res.band == "confident")), "unassigned": float(np.mean(~called)),
-                    "ece": hm.ece(res.confidence[called], ok[called]) if called.any() else None})
+                    "confident_share": float(np.mean(res.band == "confident")), "unassigned": float(np.mean(res.label == "Unassigned")),
+                    "ece": hm.ece(conf[called], ok[called]) if called.any() else None})
         log(f"  thinned to {f:.3f}: median {out[-1]['median_counts']:.0f} counts, confidence {out[-1]['mean_confidence']:.3f}, "
             f"accuracy {out[-1]['accuracy_at_call']}")
     return out

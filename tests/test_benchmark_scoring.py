@@ -39,3 +39,17 @@ def test_score_reports_both_eces():
     assert r["ece_call"] == pytest.approx(hm.ece(conf, correct))
     assert r["ece"] == pytest.approx(hm.ece(np.array([0.99] * 8 + [0.95, 0.99]), correct))
     assert r["ece"] < r["ece_call"]
+
+
+def test_a_claim_the_truth_cannot_check_is_judged_one_level_up_or_not_at_all():
+    truth = ["CD4 T cell", "CD4 T cell", "T cell", "CD4 T cell", "NK cell", "T cell"]
+    pred = ["Naive CD4 T cell", "T cell", "Naive CD4 T cell", "CD4 T cell", "Naive CD4 T cell", "Lymphocyte"]
+    conf = np.array([0.6, 0.9, 0.7, 0.8, 0.75, 0.95])
+    parent = np.array([0.97, 0.99, 0.95, 0.9, 0.93, np.nan])
+    c, ok, judged, finer = hm.judged_claims(pred, conf, parent, truth, PARENTS)
+    # finer by one level -> the parent's claim (right); finer by two -> not judged;
+    # coarser than the truth -> its own claim, right; beside the truth -> its own claim, wrong
+    np.testing.assert_allclose(c, [0.97, 0.9, 0.7, 0.8, 0.75, 0.95])
+    assert list(ok) == [True, True, True, True, False, True]
+    assert list(judged) == [True, True, False, True, True, True]
+    assert list(finer) == [True, False, True, False, False, False]
