@@ -146,7 +146,7 @@ def _zeroshot_tables(rows: list[dict]) -> str:
         body.append([ds, e.get("left_out", ""), cell(e.get("coarse")), cell(e.get("marker_label")), cell(e.get("knn_label"))] + others
                     + [" / ".join(_pct(x) for x in bc)])
     t1 = _table(head, body)
-    head = ["dataset", "accuracy at the call", "ECE", "mean confidence", "confident share", "confident right",
+    head = ["dataset", "accuracy at the call", "ECE", "ECE, finer calls counted right", "mean confidence", "confident share", "confident right",
             "novel", "novel & confident", "coarse calls", "fine calls right", "accuracy of top 50% / 90%", "Unassigned"]
     body = []
     for ds, m in by.items():
@@ -154,11 +154,16 @@ def _zeroshot_tables(rows: list[dict]) -> str:
         if e.get("refused"):
             continue
         rc = e.get("risk_coverage", {})
-        body.append([ds, _f(e.get("accuracy_at_call")), _f(e.get("ece")), _f(e.get("mean_confidence")), _pct(e.get("confident_share")),
+        body.append([ds, _f(e.get("accuracy_at_call")), _f(e.get("ece")), _f(e.get("ece_counting_finer_calls_right")),
+                     _f(e.get("mean_confidence")), _pct(e.get("confident_share")),
                      _pct(e.get("confident_accuracy")), _pct(e.get("novel_fraction")), str(e.get("novel_in_confident", "—")),
                      _pct(e.get("coarse_call_share")), _pct(e.get("fine_call_accuracy")),
                      f"{_pct(rc.get('0.50'))} / {_pct(rc.get('0.90'))}", str(e.get("unassigned", "—"))])
-    return t1 + "\n\nCalibration at the label the call makes (right = the truth is the call, below it or above it):\n\n" + _table(head, body)
+    return t1 + ("\n\nCalibration at the label the call makes (right = the truth is the call or below it). A call finer "
+                 "than the truth (\"Naive CD4 T cell\" for a truth of \"CD4 T cell\") is judged one level up, with its parent "
+                 "confidence, since the truth cannot check the finer claim (left out where even the parent is finer); the "
+                 "next column counts such calls right at their own confidence instead. Confident right: calls in the "
+                 "confident band that are the truth, above it or below it:\n\n") + _table(head, body)
 
 
 def _thinning_table(rows: list[dict]) -> str:
