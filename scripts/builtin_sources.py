@@ -27,6 +27,31 @@ PBMC3K_TO_CORE = {
     "DC": "Dendritic cell",
     "Platelet": "Platelet",
 }
+CD8_MIN_COUNTS = 2
+"""PBMC3k's two CD4 T clusters hold naive and memory CD8 T cells (``../shared/research/findings.md``
+#3: sorted naive CD8 T cells were called CD4 against it). A cell of those clusters with at least
+this many CD8A + CD8B counts and no CD4 count is relabelled "CD8 T" before the atlas is built:
+the markers decide the CD4/CD8 split the clustering missed. Chosen on PBMC3k alone: 2 counts are
+seen in under 1% of its B cells and monocytes (background), in 39% of its "CD8 T" cluster and in
+16% of "Naive CD4 T" (109 cells) and 9% of "Memory CD4 T" (40 cells) without any CD4 count."""
+
+
+def split_cd8(adata, label_key: str = "cell_type", cd4_labels=("Naive CD4 T", "Memory CD4 T"), cd8_label: str = "CD8 T"):
+    """``adata`` with its CD4-labelled cells that express CD8A/CD8B but not CD4 relabelled ``cd8_label``
+    (counts in ``X``; see :data:`CD8_MIN_COUNTS`)."""
+    import numpy as np
+
+    genes = list(adata.var_names)
+    col = lambda g: np.asarray(adata.X[:, genes.index(g)].sum(axis=1)).ravel()  # noqa: E731
+    cd8, cd4 = col("CD8A") + col("CD8B"), col("CD4")
+    labels = adata.obs[label_key].astype(str).to_numpy().copy()
+    move = np.isin(labels, list(cd4_labels)) & (cd8 >= CD8_MIN_COUNTS) & (cd4 == 0)
+    labels[move] = cd8_label
+    adata.obs[label_key] = labels
+    adata.uns["cd8_split"] = {"relabelled": int(move.sum()), "min_counts": CD8_MIN_COUNTS}
+    return adata
+
+
 KANG = {
     "CD4 T cells": "CD4 T cell",
     "CD8 T cells": "CD8 T cell",
@@ -125,7 +150,8 @@ def builtin_sources(shared: Path, exclude_groups: Iterable[str] = ()):
         if group not in skip:
             out.extend(make())
 
-    add("pbmc3k", lambda: [Source("pbmc3k", ad.read_h5ad(d / "human_pbmc3k_10xv1_seurat_labels.h5ad"), label_map=PBMC3K_TO_CORE, group="pbmc3k")])
+    add("pbmc3k", lambda: [Source("pbmc3k", split_cd8(ad.read_h5ad(d / "human_pbmc3k_10xv1_seurat_labels.h5ad")),
+                                  label_map=PBMC3K_TO_CORE, group="pbmc3k")])
     add("hnscc", lambda: [Source("hnscc", ad.read_h5ad(d / "human_hnscc_tme_puram2017_chetah_ref_subset.h5ad"), label_map=CHETAH_HNSCC, group="hnscc")])
     add("mouse_lung", lambda: [Source("mouse_lung", ad.read_h5ad(d / "mouse_lung_zilionis2019_cluey_subset.h5ad"), label_map=MOUSE_LUNG, group="mouse_lung")])
 

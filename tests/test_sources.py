@@ -93,3 +93,24 @@ def test_a_finer_truth_is_right_for_the_coarser_candidate():
     parents = {"Naive CD4 T cell": "CD4 T cell", "CD4 T cell": "T cell"}
     T = truth_options(["Naive CD4 T cell"], ["CD4 T cell", "B cell"], [], parents)
     assert T[0].tolist() == [True, False, False]
+
+
+def test_built_in_recipe_moves_cd8_cells_out_of_cd4_clusters_by_their_markers():
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+    from builtin_sources import CD8_MIN_COUNTS, split_cd8
+
+    genes = ["CD8A", "CD8B", "CD4", "ACTB"]
+    X = np.array([[1, 1, 0, 9],   # CD4 cluster, CD8A + CD8B = 2, no CD4 -> CD8 T
+                  [2, 0, 1, 9],   # CD4 counts too -> stays
+                  [1, 0, 0, 9],   # too few CD8 counts -> stays
+                  [3, 1, 0, 9],   # memory CD4 cluster -> CD8 T
+                  [2, 2, 0, 9]])  # a B cell expressing CD8: not a CD4 cluster -> stays
+    a = ad.AnnData(sp.csr_matrix(X.astype(np.float32)), var=pd.DataFrame(index=genes))
+    a.obs["cell_type"] = ["Naive CD4 T", "Naive CD4 T", "Naive CD4 T", "Memory CD4 T", "B"]
+    out = split_cd8(a)
+    assert CD8_MIN_COUNTS == 2
+    assert list(out.obs["cell_type"]) == ["CD8 T", "Naive CD4 T", "Naive CD4 T", "CD8 T", "B"]
+    assert out.uns["cd8_split"]["relabelled"] == 2
