@@ -100,7 +100,6 @@ def downsample(counts: sp.csr_matrix, target: float, seed: int = 0) -> sp.csr_ma
     return thin(counts, np.minimum(1.0, target / np.maximum(depth, 1.0)), seed=seed)
 
 
-
 def fill_missing(sim: np.ndarray, idx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Neighbours an approximate (IVF) index did not find (index -1) replaced by the nearest one found.
 
@@ -116,6 +115,7 @@ def fill_missing(sim: np.ndarray, idx: np.ndarray) -> tuple[np.ndarray, np.ndarr
     sim = np.where(missing, sim[:, :1], sim)
     idx = np.where(missing, idx[:, :1], idx)
     return sim, idx
+
 
 class DepthMatchedIndex:
     """Nearest reference neighbours at the query cell's sequencing depth.

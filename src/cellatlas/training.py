@@ -28,7 +28,7 @@ not contain:
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable, Sequence
 
 import numpy as np
@@ -186,8 +186,7 @@ def _own_study_folds(ref: list[Prepared], seed: int) -> list[tuple[list[np.ndarr
             continue
         test = _folds_within(p, 3, seed)[0]
         train = [np.setdiff1d(np.arange(len(q.labels)), test) if j == i else np.arange(len(q.labels)) for j, q in enumerate(ref)]
-        held = Prepared(f"{p.name} (own study)", p.group, p.kind, p.counts, p.genes, p.labels, p.obs, p.report)
-        folds.append((train, [(held, test)]))
+        folds.append((train, [(replace(p, name=f"{p.name} (own study)"), test)]))
     return folds
 
 
