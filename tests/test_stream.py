@@ -86,6 +86,10 @@ def test_dask_cluster_gives_the_in_memory_calls(cells, files, reference):
         # each worker built its runtime once and kept it for its next blocks
         built = client.run(lambda: sum(1 for k in __import__("cellatlas.cluster").cluster._WORKER if k[0] == "annotator"))
         assert set(built.values()) == {1}
+        # the machine's cores are shared among both workers' task threads, not given to each
+        from cellatlas.cluster import task_threads
+
+        assert task_threads(client) == {a: max(1, os.cpu_count() // 2) for a in client.scheduler_info()["workers"]}
 
 
 def test_cli_output_links_x_and_leaves_the_input_untouched(files, reference, tmp_path):

@@ -9,8 +9,9 @@ block of a dask array (``cellatlas.annotate(adata)`` with ``adata.X`` a dask arr
 row range of a file, which the worker opens from its path (``annotate_file(...,
 scheduler=...)``; the file must be on storage every worker reads: a shared file system,
 or an object store mounted on each worker). Blocks are validated and scored exactly as
-in-process (:meth:`Annotator.score`), and results come back in input order with a
-bounded number of blocks in flight.
+in-process (:meth:`Annotator.score`), each in its share of its machine's cores
+(:func:`task_threads`), and results come back in input order with a bounded number of
+blocks in flight.
 """
 
 from __future__ import annotations
@@ -62,35 +63,50 @@ def _annotator(atlas, space: GeneSpace, model: str, model_path, precomputed: dic
     return _WORKER[key]
 
 
-def _threads() -> int:
-    """Engine threads per task: the worker's cores shared among its task threads."""
+def task_threads(client) -> dict[str, int]:
+    """Engine threads per task for each worker: its machine's cores shared among the task threads
+    of every worker on that machine (two 1-thread workers on 2 cores get 1 each, not 2: more
+    threads than cores made the 2-worker run ~10% slower)."""
+    try:
+        workers = client.scheduler_info(n_workers=-1)["workers"]
+    except TypeError:  # distributed before 2025 lists every worker without the argument
+        workers = client.scheduler_info()["workers"]
+    cores = client.run(os.cpu_count)
+    on_host: dict[str, int] = {}
+    for w in workers.values():
+        on_host[w["host"]] = on_host.get(w["host"], 0) + int(w["nthreads"])
+    return {a: max(1, int(cores.get(a) or 1) // max(1, on_host[w["host"]])) for a, w in workers.items()}
+
+
+def _threads(table: dict[str, int] | None) -> int:
+    """This worker's entry of :func:`task_threads` (1 for a worker that joined after the run started)."""
     try:
         from distributed import get_worker
 
-        return max(1, (os.cpu_count() or 1) // max(1, get_worker().state.nthreads))
+        return int((table or {}).get(get_worker().address, 1))
     except (ImportError, ValueError, AttributeError):
         return 1
 
 
 def _score(rows, ids, start: int, atlas, space: GeneSpace, values, check, model: str, model_path, chunk_size,
-           precomputed=None) -> AnnotationResult:
+           precomputed=None, threads=None) -> AnnotationResult:
     from cellatlas.annotate import _leave_unassigned
 
     engine = _annotator(atlas, space, model, model_path, precomputed)
     query = prepare_query(rows, cell_ids=ids, space=space, values=values, row0=start, gene_check=check)
-    part = engine.score(query, chunk_size=chunk_size, threads=_threads())
+    part = engine.score(query, chunk_size=chunk_size, threads=_threads(threads))
     _leave_unassigned(part)
     return part
 
 
 def _score_array_block(rows, ids, start, atlas, space, values, check, model, model_path, chunk_size,
-                       precomputed=None) -> AnnotationResult:
+                       precomputed=None, threads=None) -> AnnotationResult:
     """One row block of a dask array (the block itself arrives as the task's input)."""
-    return _score(rows, ids, start, atlas, space, values, check, model, model_path, chunk_size, precomputed)
+    return _score(rows, ids, start, atlas, space, values, check, model, model_path, chunk_size, precomputed, threads)
 
 
 def _score_file_block(open_args: dict, start: int, stop: int, atlas, space, values, check, model, model_path,
-                      chunk_size, precomputed=None) -> AnnotationResult:
+                      chunk_size, precomputed=None, threads=None) -> AnnotationResult:
     """Rows ``start:stop`` of a file the worker opens itself (kept open for its next blocks)."""
     from cellatlas.stream import open_file
 
@@ -99,7 +115,7 @@ def _score_file_block(open_args: dict, start: int, stop: int, atlas, space, valu
         _WORKER[key] = open_file(**open_args)
     src = _WORKER[key]
     return _score(src.rows(start, stop), src.cell_ids(start, stop), start, atlas, space, values, check, model, model_path,
-                  chunk_size, precomputed)
+                  chunk_size, precomputed, threads)
 
 
 def _chosen(source: str) -> dict[str, Any]:
@@ -118,7 +134,8 @@ def iter_annotated_dask(run: Run, scheduler: Any, *, chunk_size: int | None = No
     try:
         ann = run.annotator
         atlas_f, space_f, pre_f = client.scatter([ann.atlas, run.space, ann.rt.precomputed()], broadcast=True, hash=False)
-        common = (atlas_f, space_f, run.values, run.gene_check, ann.model, ann.model_path, chunk_size, pre_f)
+        common = (atlas_f, space_f, run.values, run.gene_check, ann.model, ann.model_path, chunk_size, pre_f,
+                  task_threads(client))
         src = run.src
         # One engine chunk per task (not one per client thread): the blocks spread evenly over
         # the workers, and a worker with several cores still splits each block among them.
