@@ -1,7 +1,8 @@
 """Scale benchmark: cells/s and peak memory from 10k to 10M cells, CellTypist beside, Dask, the physical floor.
 
     python benchmarks/scale.py [--sizes 10000,100000,1000000,10000000] [--tmp /tmp/cellatlas-scale]
-                               [--celltypist-sizes 10000,100000] [--dask-cells 100000] [--out benchmarks/results/scale]
+                               [--celltypist-sizes 10000,100000] [--dask-cells 100000,1000000]
+                               [--floor-cells 100000] [--out benchmarks/results/scale]
 
 One command, one run, every measurement in a fresh process (``os.wait4`` gives each
 process's own peak RSS):
@@ -16,8 +17,10 @@ process's own peak RSS):
   feature-selected model), ``celltypist.annotate`` on the log1p-normalised file (read and
   normalisation included), at ``--celltypist-sizes`` (it holds the matrix in memory);
 * Dask: ``annotate_file(path, scheduler=client)`` on a 2-worker LocalCluster (1 thread
-  each; started before the clock) against the in-process call, same file, calls compared;
-* the physical floor at 100k cells: read the CSR from disk, one sparse projection onto the
+  each; started, and ``cellatlas.stream`` imported on its workers, before the clock, as the
+  in-process run imports it before its clock) against the in-process call, same file, calls compared,
+  at each of ``--dask-cells`` (the workers' one-off setup weighs less as the input grows);
+* the physical floor at ``--floor-cells`` (0: skipped): read the CSR from disk, one sparse projection onto the
   atlas's principal axes, one faiss k=15 search of the reference.
 
 Results go to ``--out``.json / .md; the machine's load average is recorded before and after.
@@ -83,6 +86,7 @@ if __name__ == "__main__":
     t = time.perf_counter()
     with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None) as cluster, Client(cluster) as client:
         start = time.perf_counter() - t
+        client.run(lambda: __import__("cellatlas.stream"))  # the workers import what the in-process run imports before its clock
         t0 = time.perf_counter()
         res = annotate_file(sys.argv[1], calls=sys.argv[2], scheduler=client)
         dt = time.perf_counter() - t0
@@ -185,8 +189,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--sizes", default="10000,100000,1000000,10000000")
     ap.add_argument("--celltypist-sizes", default="10000,100000")
-    ap.add_argument("--dask-cells", type=int, default=100_000)
-    ap.add_argument("--floor-cells", type=int, default=100_000)
+    ap.add_argument("--dask-cells", default="100000,1000000", help="sizes for the Dask comparison ('' to skip)")
+    ap.add_argument("--floor-cells", type=int, default=100_000, help="size for the physical floor (0 to skip)")
     ap.add_argument("--floor-pairs", type=int, default=2, help="floor + in-process runs back to back, this many times")
     ap.add_argument("--tmp", type=Path, default=Path(tempfile.gettempdir()) / "cellatlas-scale")
     ap.add_argument("--out", type=Path, default=HERE / "results" / "scale")
@@ -196,6 +200,7 @@ def main() -> None:
         sys.exit(f"PBMC 3k not found at {scale_data.PBMC3K} (set CELLATLAS_SHARED_DATA)")
     sizes = [int(s) for s in args.sizes.split(",") if s]
     ct_sizes = {int(s) for s in args.celltypist_sizes.split(",") if s}
+    dask_sizes = [int(s) for s in args.dask_cells.split(",") if s]
     args.tmp.mkdir(parents=True, exist_ok=True)
     py = sys.executable
     home = args.tmp / "home"  # one CELLATLAS_HOME for every run: gene mappings stored by the first
@@ -209,7 +214,7 @@ def main() -> None:
 
     paths: dict[int, Path] = {}
     base = None
-    for n in sorted(set(sizes) | {args.dask_cells, args.floor_cells}):
+    for n in sorted((set(sizes) | set(dask_sizes) | {args.floor_cells}) - {0}):
         free = shutil.disk_usage(args.tmp).free
         virtual = n >= 10_000_000 and base is not None
         need = (0.5 if virtual else 7.0 * n / 1e6 + 2) * GB
@@ -246,16 +251,17 @@ def main() -> None:
         if n in ct_sizes and model.exists():
             row["celltypist"] = run([py, "-c", _PEAK + _CELLTYPIST, str(p), str(model)], env=env)
         print(n, json.dumps(row), flush=True)
-    if args.dask_cells in paths:
-        p = paths[args.dask_cells]
+    for n in dask_sizes:
+        if n not in paths:
+            continue
         a, b = args.tmp / "calls_inproc.parquet", args.tmp / "calls_dask.parquet"
-        inproc = run([py, "-c", _PEAK + _INPROC, str(p), str(a)], env=env)
-        dask = run([py, "-c", _PEAK + _DASK, str(p), str(b)], env=env)
+        inproc = run([py, "-c", _PEAK + _INPROC, str(paths[n]), str(a)], env=env)
+        dask = run([py, "-c", _PEAK + _DASK, str(paths[n]), str(b)], env=env)
         import pandas as pd
 
         same = bool(a.exists() and b.exists() and (pd.read_parquet(a)["cell_type"].to_numpy() == pd.read_parquet(b)["cell_type"].to_numpy()).all())
-        res["dask"] = {"cells": args.dask_cells, "inprocess": inproc, "dask_2_workers": dask, "identical_calls": same}
-        print("dask", json.dumps(res["dask"]), flush=True)
+        res.setdefault("dask", []).append({"cells": n, "inprocess": inproc, "dask_2_workers": dask, "identical_calls": same})
+        print("dask", json.dumps(res["dask"][-1]), flush=True)
     if args.floor_cells in paths:
         # Floor and in-process call back to back, twice: the same load for both halves of each ratio.
         res["floor_pairs"] = []
@@ -302,8 +308,7 @@ def write(res: dict, out: Path) -> None:
         loads = "/".join(str(r.get("load_before", "-")) for r in (ip, cli, ct) if r)
         lines.append(f"| {int(n):,} | {loads} | {_cps(ip)} | {_cps(ip, 'call_cpu_s')} | {_gb(ip)} | {cli_cps} | {_gb(cli)} | "
                      f"{_cps(ct)} | {_cps(ct, 'call_cpu_s')} | {_gb(ct)} | {ratio} |")
-    if "dask" in res:
-        d = res["dask"]
+    for d in ([res["dask"]] if isinstance(res.get("dask"), dict) else res.get("dask", [])):
         dk, ip = d["dask_2_workers"], d["inprocess"]
         ratio = f"{dk['seconds'] / ip['seconds']:.2f}x the in-process time" if dk.get("ok") and ip.get("ok") else ""
         lines += ["", f"Dask ({d['cells']:,} cells, 2-worker LocalCluster, 1 thread each): {_cps(dk)} cells/s, {ratio} "
