@@ -94,3 +94,18 @@ def test_columnar_roundtrip_and_format_2_archives():
     back, _ = decode_result(old)
     assert list(back.label) == list(res.label) and list(back.parent_label) == [""] * len(res)
     assert np.isnan(back.parent_confidence).all()
+
+
+def test_alternates_text_reads_as_each_cell_formatted_one_by_one():
+    from cellatlas.result import Alternates
+
+    rng = np.random.default_rng(0)
+    labels = np.array(["CD14 monocyte", "B cell", "NK cell", ""], dtype=object)[rng.integers(0, 4, (2000, 3))]
+    scores = (rng.random((2000, 3)) * 3 - 1).astype(np.float32)
+    edge = [np.nan, -0.0004, 0.0625, 5e6, 0.9995, -3.25, -0.0, np.inf, 1e-7]
+    labels[: len(edge)] = "B cell"
+    scores[: len(edge), 0] = edge
+    alt = Alternates(labels, scores)
+    want = ["; ".join(f"{lab}:{s:.3f}" for lab, s in cell) for cell in alt]
+    assert alt.text().tolist() == want
+    assert want[1].startswith("B cell:-0.000") and want[0].startswith("B cell:nan")

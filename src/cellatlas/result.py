@@ -55,6 +55,29 @@ class Alternates:
     def __iter__(self):
         return (self[i] for i in range(len(self)))
 
+    def text(self) -> np.ndarray:
+        """``"label:0.123; label:0.045"`` per cell (object array), as ``f"{label}:{score:.3f}"``
+        joined by ``"; "``, built column by column from each distinct (label, score) text once."""
+        out = np.full(len(self), "", dtype=object)
+        for j in range(self.labels.shape[1]):
+            has = np.nonzero(self.labels[:, j] != "")[0]
+            if not len(has):
+                continue
+            inv, labs = pd.factorize(self.labels[has, j])
+            # float32 x 1000 is exact in float64, so rint rounds as format's .3f does
+            score = self.scores[has, j].astype(np.float64)
+            milli = np.rint(score * 1000.0)
+            ok = np.isfinite(milli) & (np.abs(milli) < 1e6) & ~((milli == 0) & np.signbit(score))  # "-0.000" kept
+            code = inv.astype(np.int64) * 2_000_001 + np.where(ok, milli, 0).astype(np.int64) + 1_000_000
+            back, uniq = pd.factorize(code)
+            texts = np.array([f"{labs[c // 2_000_001]}:{((c % 2_000_001) - 1_000_000) / 1000:.3f}" for c in uniq], dtype=object)
+            item = texts[back]
+            if not ok.all():  # out-of-range or NaN scores: formatted one by one
+                bad = np.nonzero(~ok)[0]
+                item[bad] = [f"{labs[inv[b]]}:{float(self.scores[has[b], j]):.3f}" for b in bad]
+            out[has] = np.where(out[has] == "", item, out[has] + "; " + item)
+        return out
+
     def __eq__(self, other) -> bool:
         return list(self) == list(other)
 
@@ -242,15 +265,16 @@ class AnnotationResult:
         obs[key] = pd.Categorical(df["cell_type"].to_numpy())
         obs[f"{key}_confidence"] = df["cell_type_confidence"].to_numpy()
         obs[f"{key}_band"] = pd.Categorical(df["cell_type_band"].to_numpy(), categories=["confident", "review", "low"])
-        obs[f"{key}_ontology_id"] = df["cell_type_ontology_id"].to_numpy().astype(str)
-        obs[f"{key}_level"] = df["cell_type_level"].to_numpy().astype(str)
-        obs[f"{key}_parent"] = df["cell_type_parent"].to_numpy().astype(str)
+        # few distinct values: categoricals, as anndata stores strings anyway (and 10x cheaper to write)
+        obs[f"{key}_ontology_id"] = pd.Categorical(df["cell_type_ontology_id"].to_numpy().astype(str))
+        obs[f"{key}_level"] = pd.Categorical(df["cell_type_level"].to_numpy().astype(str))
+        obs[f"{key}_parent"] = pd.Categorical(df["cell_type_parent"].to_numpy().astype(str))
         obs[f"{key}_parent_confidence"] = df["cell_type_parent_confidence"].to_numpy()
-        obs[f"{key}_alternates"] = ["; ".join(f"{lab}:{s:.3f}" for lab, s in a) for a in self.alternates]
+        obs[f"{key}_alternates"] = self.alternates.text()
         obs[f"{key}_markers"] = df["markers"].to_numpy().astype(str)
         obs[f"{key}_novel"] = df["novel"].to_numpy()
         obs[f"{key}_agreement"] = df["agreement"].to_numpy()
-        obs[f"{key}_reason"] = df["reason"].to_numpy().astype(str)
+        obs[f"{key}_reason"] = pd.Categorical(df["reason"].to_numpy().astype(str))
         for name in ("total_counts", "n_genes", "pct_mito", "doublet_score"):
             obs[f"{key}_{name}"] = df[name].to_numpy()
         renamed = put_obs(adata, obs, reserve=reserve)
