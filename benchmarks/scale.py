@@ -308,7 +308,7 @@ def write(res: dict, out: Path) -> None:
         loads = "/".join(str(r.get("load_before", "-")) for r in (ip, cli, ct) if r)
         lines.append(f"| {int(n):,} | {loads} | {_cps(ip)} | {_cps(ip, 'call_cpu_s')} | {_gb(ip)} | {cli_cps} | {_gb(cli)} | "
                      f"{_cps(ct)} | {_cps(ct, 'call_cpu_s')} | {_gb(ct)} | {ratio} |")
-    for d in ([res["dask"]] if isinstance(res.get("dask"), dict) else res.get("dask", [])):
+    for d in res.get("dask", []):
         dk, ip = d["dask_2_workers"], d["inprocess"]
         ratio = f"{dk['seconds'] / ip['seconds']:.2f}x the in-process time" if dk.get("ok") and ip.get("ok") else ""
         lines += ["", f"Dask ({d['cells']:,} cells, 2-worker LocalCluster, 1 thread each): {_cps(dk)} cells/s, {ratio} "

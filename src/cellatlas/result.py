@@ -57,7 +57,7 @@ class Alternates:
 
     def text(self) -> np.ndarray:
         """``"label:0.123; label:0.045"`` per cell (object array), as ``f"{label}:{score:.3f}"``
-        joined by ``"; "``, built column by column from each distinct (label, score) text once."""
+        joined by ``"; "``, built column by column from each distinct label and score text once."""
         out = np.full(len(self), "", dtype=object)
         for j in range(self.labels.shape[1]):
             has = np.nonzero(self.labels[:, j] != "")[0]
@@ -68,13 +68,12 @@ class Alternates:
             score = self.scores[has, j].astype(np.float64)
             milli = np.rint(score * 1000.0)
             ok = np.isfinite(milli) & (np.abs(milli) < 1e6) & ~((milli == 0) & np.signbit(score))  # "-0.000" kept
-            code = inv.astype(np.int64) * 2_000_001 + np.where(ok, milli, 0).astype(np.int64) + 1_000_000
-            back, uniq = pd.factorize(code)
-            texts = np.array([f"{labs[c // 2_000_001]}:{((c % 2_000_001) - 1_000_000) / 1000:.3f}" for c in uniq], dtype=object)
-            item = texts[back]
+            sinv, uniq = pd.factorize(np.where(ok, milli, 0).astype(np.int64))
+            item = (np.array([f"{lab}:" for lab in labs], dtype=object)[inv]
+                    + np.array([f"{m / 1000:.3f}" for m in uniq], dtype=object)[sinv])
             if not ok.all():  # out-of-range or NaN scores: formatted one by one
                 bad = np.nonzero(~ok)[0]
-                item[bad] = [f"{labs[inv[b]]}:{float(self.scores[has[b], j]):.3f}" for b in bad]
+                item[bad] = [f"{labs[inv[b]]}:{score[b]:.3f}" for b in bad]
             out[has] = np.where(out[has] == "", item, out[has] + "; " + item)
         return out
 
