@@ -11,7 +11,8 @@ reports for one request of ``--cells`` cells:
   encoding and response decoding): p50 / p90 latency and cells/s;
 * JSON body (the articles' payload, built with ``.tolist()`` beforehand): ``json`` posts
   it pre-serialised (the server's JSON path), ``json_seed`` exactly as the articles do
-  (``requests.post(json=payload)``, stdlib serialisation included): p50 / p90, cells/s;
+  (``requests.post(json=payload)``, stdlib serialisation included): p50 / p90, cells/s, the
+  server's steps (Server-Timing) and the client's own ``json.dumps`` time;
 
 the in-process engine alone (``cellatlas.annotate``, the floor under both), and
 ``Client.annotate_large`` on ``--large`` cells in a fresh client process
@@ -36,6 +37,8 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("CELLATLAS_SHARED_DATA") or REPO.parent / "shared" / "data")
 PBMC3K = SHARED / "datasets" / "human_pbmc3k_10xv1_seurat_labels.h5ad"
+SECRET = "service-benchmark-secret"
+"""API-key hashing secret shared by the server and this script's ledger (the keys it creates)."""
 
 
 def pbmc_like(n_cells: int, seed: int = 0):
@@ -58,7 +61,7 @@ def start_server(home: Path, port: int) -> subprocess.Popen:
     """``cellatlas serve`` in a subprocess; returns once /healthz answers."""
     import httpx
 
-    env = dict(os.environ, CELLATLAS_HOME=str(home), CELLATLAS_REQUIRE_API_KEY="true")
+    env = dict(os.environ, CELLATLAS_HOME=str(home), CELLATLAS_REQUIRE_API_KEY="true", CELLATLAS_API_KEY_SECRET=SECRET)
     env.pop("CELLATLAS_DATABASE_URL", None)
     code = "import typer; from cellatlas.service.commands import serve; typer.run(serve)"
     proc = subprocess.Popen([sys.executable, "-c", code, "--port", str(port), "--log-level", "warning"], env=env)
@@ -92,6 +95,15 @@ def _stats(times: list[float], n_cells: int) -> dict:
     }
 
 
+def _server_steps(header: str) -> dict[str, float]:
+    """Seconds per step from a ``Server-Timing`` header (``read;dur=12.3, parse;dur=...``)."""
+    return {k: float(v) / 1000 for k, v in (p.split(";dur=") for p in header.split(", "))}
+
+
+def _median_steps(steps: list[dict[str, float]]) -> dict[str, float]:
+    return {k: round(float(np.median([s[k] for s in steps])), 3) for k in steps[0]}
+
+
 def bench_request(url: str, key: str, X, genes, repeats: int) -> dict:
     """p50 latency and throughput of one request, binary (client) and JSON (seed code)."""
     import orjson
@@ -116,10 +128,10 @@ def bench_request(url: str, key: str, X, genes, repeats: int) -> dict:
             res = c.annotate(X, genes)
             times.append(time.perf_counter() - t0)
             calls = calls if calls is not None else list(res.label)
-            steps.append({k: float(v) / 1000 for k, v in (p.split(";dur=") for p in c.last_server_timing.split(", "))})
+            steps.append(_server_steps(c.last_server_timing))
         out["binary"] = _stats(times, X.shape[0])
         # Median seconds per server step (Server-Timing); the rest is the client (encode, decode) and the wire.
-        server = {k: round(float(np.median([s[k] for s in steps])), 3) for k in steps[0]}
+        server = _median_steps(steps)
         server["client_and_wire"] = round(out["binary"]["p50_s"] - sum(server.values()), 3)
         out["binary"]["server_steps_s"] = server
     payload = {
@@ -131,7 +143,7 @@ def bench_request(url: str, key: str, X, genes, repeats: int) -> dict:
     headers = {"Authorization": f"Bearer {key}"}
     body = orjson.dumps(payload)
     for mode in ("json", "json_seed"):
-        times = []
+        times, steps = [], []
         for _ in range(repeats):
             t0 = time.perf_counter()
             if mode == "json":  # the JSON body path of the server: body already serialised
@@ -141,9 +153,16 @@ def bench_request(url: str, key: str, X, genes, repeats: int) -> dict:
             r.raise_for_status()
             labels = [c["label"] for c in r.json()["calls"]]
             times.append(time.perf_counter() - t0)
+            steps.append(_server_steps(r.headers["Server-Timing"]))
         assert labels == calls, "JSON and binary paths disagree"
-        out[mode] = _stats(times, X.shape[0])
+        out[mode] = {**_stats(times, X.shape[0]), "server_steps_s": _median_steps(steps)}
     out["json"]["body_mb"] = round(len(body) / 1e6, 1)
+    encode = []
+    for _ in range(repeats):  # the seed client's own share: requests runs json.dumps(payload) before sending
+        t0 = time.perf_counter()
+        json.dumps(payload, allow_nan=False).encode("utf-8")
+        encode.append(time.perf_counter() - t0)
+    out["json_seed"]["client_encode_s"] = round(float(np.median(encode)), 3)
     return out
 
 
@@ -196,7 +215,7 @@ def main() -> None:
         port = _free_port()
         proc = start_server(Path(home), port)
         try:
-            led = Ledger(f"sqlite:///{Path(home) / 'cellatlas.db'}")
+            led = Ledger(f"sqlite:///{Path(home) / 'cellatlas.db'}", secret=SECRET)
             key, _ = led.create_key("benchmark", credits=10**9)
             url = f"http://127.0.0.1:{port}"
             X, genes = pbmc_like(args.cells)
@@ -218,6 +237,8 @@ def main() -> None:
     print(f"\n{args.cells:,} cells: engine alone p50 {results['engine_in_process']['p50_s']} s; binary p50 {b['p50_s']} s ({b['cells_per_s']:,} cells/s); JSON p50 {j['p50_s']} s "
           f"({j['cells_per_s']:,} cells/s); JSON as the articles send it p50 {js['p50_s']} s")
     print("binary request, median seconds per step: " + ", ".join(f"{k} {v}" for k, v in b["server_steps_s"].items()))
+    print(f"JSON as the articles send it: the client's own json.dumps {js['client_encode_s']} s; server steps "
+          + ", ".join(f"{k} {v}" for k, v in js["server_steps_s"].items()))
     if args.large:
         L = results["annotate_large"]
         print(f"annotate_large {L['cells']:,} cells: {L['seconds']} s ({L['cells_per_s']:,} cells/s), client peak RSS {L['peak_rss_mb']} MB "

@@ -109,3 +109,17 @@ def test_alternates_text_reads_as_each_cell_formatted_one_by_one():
     want = ["; ".join(f"{lab}:{s:.3f}" for lab, s in cell) for cell in alt]
     assert alt.text().tolist() == want
     assert want[1].startswith("B cell:-0.000") and want[0].startswith("B cell:nan")
+
+
+def test_to_calls_leaves_garbage_collection_as_it_found_it():
+    import gc
+
+    r = _result()
+    assert gc.isenabled()
+    first = r.to_calls()
+    assert gc.isenabled()
+    gc.disable()
+    try:
+        assert r.to_calls() == first and not gc.isenabled()
+    finally:
+        gc.enable()

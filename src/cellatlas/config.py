@@ -36,6 +36,10 @@ class Settings(BaseSettings):
     """``Content-Encoding`` output bytes allowed per input byte (plus 1 MiB); real bodies are 3-7x."""
     max_hdf5_ratio: float = 200.0
     """Declared bytes of an uploaded HDF5 dataset allowed per stored byte (plus 1 MiB)."""
+    json_parser_keep_bytes: int = 128 * 1024**2
+    """JSON bodies up to this size are parsed by one parser the server keeps, reusing its
+    buffers (about 5x the largest such body stay allocated); larger bodies, and bodies that
+    arrive while it is busy, get a parser of their own. 0: never keep one."""
     max_concurrent_decodes: int = 0
     """Request bodies read and decoded at once across the server (0: max(2, CPUs)); more wait, then 429."""
     decode_wait_seconds: float = 10.0

@@ -9,6 +9,8 @@ the HTTP client returns the same type as in-process annotation.
 
 from __future__ import annotations
 
+import gc
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -289,6 +291,10 @@ class AnnotationResult:
 
     def to_calls(self, evidence: bool = True) -> list[dict[str, Any]]:
         """The wire format: one dict per cell, in input order (columns converted once, not per cell)."""
+        with _gc_paused():  # ~10 acyclic containers per cell would trigger full collections
+            return self._calls(evidence)
+
+    def _calls(self, evidence: bool) -> list[dict[str, Any]]:
 
         def col(a, digits=None):
             a = np.asarray(a)
@@ -435,6 +441,18 @@ def summarise(df: pd.DataFrame) -> pd.DataFrame:
             "novel": g["novel"].mean().round(3),
         }
     ).sort_values("cells", ascending=False)
+
+
+@contextmanager
+def _gc_paused():
+    """Cyclic garbage collection off while building many acyclic objects (restored after)."""
+    was = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was:
+            gc.enable()
 
 
 def _nullable(values, digits: int) -> list:

@@ -213,3 +213,33 @@ def test_unusual_json_bodies_parse_or_name_the_field(csr_payload, mutate, field)
     with pytest.raises(InputError) as e:
         _parse(orjson.dumps(body))
     assert e.value.field == field and e.value.status_code == 422, e.value.message
+
+
+def test_kept_json_parser_is_reused_and_survives_errors_and_concurrency(csr_payload):
+    """Bodies under the keep limit share one parser; a failed parse (whose traceback still
+    holds that document) or a busy parser never blocks or corrupts the next request."""
+    from cellatlas.service import payload_json as pj
+    from cellatlas.service.limits import RequestLimits
+
+    limits = RequestLimits(max_cells=100)
+    X, genes = _matrix(n=6, g=5, seed=4)
+    Y, genes_y = _matrix(n=3, g=8, seed=5)
+    body_x, body_y = orjson.dumps(csr_payload(X, genes)), orjson.dumps(csr_payload(Y, genes_y))
+    p = pj.parse_json(body_x, {}, limits, keep_bytes=1 << 20)
+    kept = pj._kept
+    assert kept is not None and (p.X != X).nnz == 0
+    q = pj.parse_json(body_y, {}, limits, keep_bytes=1 << 20)
+    assert pj._kept is kept and (q.X != Y).nnz == 0 and q.genes == genes_y and (p.X != X).nnz == 0
+
+    bad = csr_payload(X, genes)
+    bad["matrix"]["shape"] = [True, 5]
+    with pytest.raises(InputError) as held:  # the exception, and its traceback, stay alive below
+        pj.parse_json(orjson.dumps(bad), {}, limits, keep_bytes=1 << 20)
+    assert held.value.field == "matrix.shape" and pj._kept is None
+    assert (pj.parse_json(body_x, {}, limits, keep_bytes=1 << 20).X != X).nnz == 0
+
+    with pj._kept_lock:  # another request holds the kept parser: this one gets its own
+        assert (pj.parse_json(body_y, {}, limits, keep_bytes=1 << 20).X != Y).nnz == 0
+    before = pj._kept
+    assert (pj.parse_json(body_y, {}, limits, keep_bytes=10).X != Y).nnz == 0  # over the limit: not kept
+    assert pj._kept is before

@@ -4,16 +4,21 @@ The document is walked on simdjson's tape: every field's type is checked where i
 (``true`` is not a number, ``shape`` is two non-negative integers), array lengths are
 checked against the declared shape and the server's limits before an array is
 materialised, and the CSR arrays go straight into numpy (no Python object per number).
-Duplicate keys are refused (nothing the user sent is silently overwritten).
+Duplicate keys are refused (nothing the user sent is silently overwritten). One parser is
+kept and reused for bodies up to ``Settings.json_parser_keep_bytes``: allocating its buffers
+afresh for every request costs more than parsing.
 """
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+import threading
+from contextlib import contextmanager
+from typing import Any, Iterator, Mapping
 
 import numpy as np
 import simdjson
 
+from cellatlas.config import get_settings
 from cellatlas.errors import InputError
 from cellatlas.io import validate_csr_arrays
 from cellatlas.service.limits import RequestLimits
@@ -29,6 +34,28 @@ from cellatlas.service.payload_fields import (
 _CSR_FIX = "Send matrix as {indptr, indices, data, shape} built from a scipy CSR matrix (X.indptr.tolist(), ...)."
 _INT_LIMIT = 2**53
 """Whole-number floats are accepted as indices up to here (exact in float64)."""
+
+
+_kept: simdjson.Parser | None = None
+_kept_lock = threading.Lock()
+
+
+@contextmanager
+def _parser(size: int, keep_bytes: int) -> Iterator[simdjson.Parser]:
+    """The kept parser when the body fits and no other request holds it, else a fresh one."""
+    global _kept
+    if size > keep_bytes or not _kept_lock.acquire(blocking=False):
+        yield simdjson.Parser()
+        return
+    try:
+        if _kept is None:
+            _kept = simdjson.Parser()
+        yield _kept
+    except BaseException:
+        _kept = None  # the traceback may still hold this document's objects, which block a reuse
+        raise
+    finally:
+        _kept_lock.release()
 
 
 def _fail(field: str, message: str, fix: str = _CSR_FIX) -> InputError:
@@ -93,8 +120,11 @@ def _strings(arr: simdjson.Array, field: str) -> list[str]:
     return values
 
 
-def parse_json(body: bytes, options: Mapping[str, Any], limits: RequestLimits) -> Parsed:
+def parse_json(body: bytes, options: Mapping[str, Any], limits: RequestLimits, *, keep_bytes: int | None = None) -> Parsed:
     """Parse the JSON body into a :class:`Parsed` query (CSR matrix, genes, options).
+
+    ``keep_bytes`` (default ``Settings.json_parser_keep_bytes``): largest body parsed by the
+    kept, reused parser.
 
     Raises
     ------
@@ -103,8 +133,14 @@ def parse_json(body: bytes, options: Mapping[str, Any], limits: RequestLimits) -
     PayloadTooLargeError, PaymentRequiredError
         The declared shape is over the limits (413) or over the key's balance (402).
     """
+    keep = get_settings().json_parser_keep_bytes if keep_bytes is None else keep_bytes
+    with _parser(len(body), keep) as parser:
+        return _parse(parser, body, options, limits)
+
+
+def _parse(parser: simdjson.Parser, body: bytes, options: Mapping[str, Any], limits: RequestLimits) -> Parsed:
     try:
-        doc = simdjson.Parser().parse(body)
+        doc = parser.parse(body)
     except Exception as e:  # simdjson raises ValueError, RuntimeError, UnicodeDecodeError, ...
         raise InputError(
             f"The request body is not valid JSON ({e}).",
