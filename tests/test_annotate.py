@@ -297,3 +297,27 @@ def test_chunk_slices_cover_every_row_once_in_order():
         assert max(p.stop - p.start for p in parts) <= size
         if n >= 2 * threads * 256 and threads > 1:
             assert len(parts) % threads == 0  # every thread gets work
+
+
+def test_one_blas_thread_holds_until_the_last_concurrent_user_leaves():
+    """Engine runs that overlap (service requests, threads of a user) share one BLAS limit: it is
+    set by the first to enter and the original limits come back only when the last one leaves."""
+    import numpy as np  # noqa: F401  (loads numpy's BLAS, the library limited)
+    from threadpoolctl import threadpool_info, threadpool_limits
+
+    from cellatlas.annotate import one_blas_thread
+
+    def blas_threads():
+        return sorted(i["num_threads"] for i in threadpool_info() if i["user_api"] == "blas")
+
+    with threadpool_limits(limits=2, user_api="blas"):
+        before = blas_threads()
+        assert before and max(before) == 2
+        first, second = one_blas_thread(), one_blas_thread()
+        first.__enter__()
+        second.__enter__()
+        assert max(blas_threads()) == 1
+        first.__exit__(None, None, None)
+        assert max(blas_threads()) == 1  # the other run is still scoring
+        second.__exit__(None, None, None)
+        assert blas_threads() == before

@@ -8,12 +8,14 @@ returns an :class:`~cellatlas.result.AnnotationResult` in input order.
 
 from __future__ import annotations
 
+import threading
 import time
 import weakref
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from functools import lru_cache
 from importlib.metadata import version as _pkg_version
-from typing import TYPE_CHECKING, Any, Callable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
 
 import numpy as np
 
@@ -127,10 +129,11 @@ class Annotator:
                     progress(len(parts[-1]))
             return AnnotationResult.concat(parts)
         parts = []
-        for part in self._threads(threads).map(lambda rows: _annotate_chunk(rt, query, self.plan, rows), chunks):
-            parts.append(part)
-            if progress:
-                progress(len(part))
+        with one_blas_thread():
+            for part in self._threads(threads).map(lambda rows: _annotate_chunk(rt, query, self.plan, rows), chunks):
+                parts.append(part)
+                if progress:
+                    progress(len(part))
         return AnnotationResult.concat(parts)
 
     def provenance(self, n_cells: int, seconds: float, *, cluster_vote: bool = False, changed: int | None = None,
@@ -202,6 +205,35 @@ def chunk_slices(n: int, size: int, threads: int = 1) -> list[slice]:
         k = -(-k // threads) * threads
     bounds = np.linspace(0, n, k + 1).round().astype(int)
     return [slice(int(a), int(b)) for a, b in zip(bounds[:-1], bounds[1:]) if b > a]
+
+
+_blas_lock = threading.Lock()
+_blas_users = 0
+_blas_limits: Any = None
+
+
+@contextmanager
+def one_blas_thread() -> Iterator[None]:
+    """BLAS (numpy's and faiss's OpenBLAS) on one thread while engine threads score chunks in
+    parallel: each engine thread already keeps a core busy, and BLAS threads on top of them
+    oversubscribe the cores and spin. Process-wide (BLAS has no per-thread setting), so the
+    previous limits come back when the last concurrent user leaves.
+    """
+    global _blas_users, _blas_limits
+    from threadpoolctl import threadpool_limits
+
+    with _blas_lock:
+        if _blas_users == 0:
+            _blas_limits = threadpool_limits(limits=1, user_api="blas")
+        _blas_users += 1
+    try:
+        yield
+    finally:
+        with _blas_lock:
+            _blas_users -= 1
+            if _blas_users == 0:
+                _blas_limits.restore_original_limits()
+                _blas_limits = None
 
 
 def block_size(chunk_size: int | None = None) -> int:

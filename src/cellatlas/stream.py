@@ -6,7 +6,7 @@ demand (``.h5ad``, AnnData ``.zarr``, 10x ``.h5``, backed/h5py/zarr/dask matrice
 
 :func:`iter_annotated` validates and scores one block at a time through the same
 :class:`~cellatlas.annotate.Annotator` as the in-memory path (gene mapping and value
-detection once per dataset, reading the next block while the current one is scored),
+detection once per dataset, reading and checking the next block while the current one is scored),
 so peak memory depends on the block size, not on the number of cells.
 :func:`annotate_file` adds the outputs, written block by block
 (:mod:`cellatlas.stream_write`).
@@ -31,7 +31,7 @@ from cellatlas.annotate import DEFAULT_MODEL, Annotator, _leave_unassigned, bloc
 from cellatlas.atlas import DEFAULT_ATLAS, Atlas
 from cellatlas.errors import InputError
 from cellatlas.io_values import sample_index
-from cellatlas.query import GeneSpace, gene_space, prepare_query, run_gene_check
+from cellatlas.query import GeneSpace, Query, gene_space, prepare_query, run_gene_check
 from cellatlas.result import AnnotationResult, summarise
 from cellatlas.stream_sources import ArraySource, CellSource, StoreSource, TenxH5Source, is_dask, is_lazy, open_file
 
@@ -47,15 +47,16 @@ def detect_source_values(src: CellSource) -> tuple[tuple[str, float | None], Any
     return (kind, (cio.detect_log_base(sample) if kind == "lognorm" else None)), sample
 
 
-def _blocks(src: CellSource, size: int) -> Iterator[tuple[int, Any, np.ndarray]]:
-    """``(start, rows, cell_ids)`` of consecutive blocks, the next read while the last is scored."""
+def _blocks(src: CellSource, size: int, prepare: Callable[[int, Any, np.ndarray], Query]) -> Iterator[Query]:
+    """``prepare(start, rows, cell_ids)`` of consecutive blocks, read and prepared in a thread of
+    their own while the consumer scores the previous block (at most one waits)."""
     q: Queue = Queue(maxsize=1)
 
     def read() -> None:
         try:
             for start in range(0, src.n_cells, size):
                 stop = min(start + size, src.n_cells)
-                q.put((start, src.rows(start, stop), src.cell_ids(start, stop)))
+                q.put(prepare(start, src.rows(start, stop), src.cell_ids(start, stop)))
         except BaseException as exc:  # re-raised in the consumer
             q.put(exc)
         q.put(None)
@@ -81,9 +82,11 @@ def iter_annotated(
 ) -> Iterator[AnnotationResult]:
     """Results of consecutive blocks of ``src``, in order (each validated and scored on its own;
     cells with too little information left ``Unassigned`` as in memory)."""
+    def prepare(start: int, rows: Any, ids: np.ndarray) -> Query:
+        return prepare_query(rows, cell_ids=ids, space=space, values=values, row0=start, gene_check=gene_check)
+
     nonzero = False
-    for start, rows, ids in _blocks(src, block_size(chunk_size)):
-        query = prepare_query(rows, cell_ids=ids, space=space, values=values, row0=start, gene_check=gene_check)
+    for query in _blocks(src, block_size(chunk_size), prepare):
         nonzero = nonzero or bool(query.raw.nnz and query.raw.data.any())
         part = annotator.score(query, chunk_size=chunk_size, progress=progress)
         _leave_unassigned(part)
@@ -294,13 +297,14 @@ def annotate_file(
         Compact calls (label, confidence, band, novel), gene report, provenance and the
         paths written.
     """
-    from cellatlas.stream_write import CallsWriter, H5adWriter
+    from cellatlas.stream_write import CallsWriter, H5adWriter, WriteBehind
 
     if in_place and output is not None:
         raise InputError("in_place=True and an output path were both given", field="output",
                          fix="Either write into the input (in_place=True) or into a new file (output=...).")
     src = open_file(path, layer=layer, use_raw=use_raw, fmt=fmt, writable=in_place)
     writers: list = []
+    behind = None
     try:
         run = Run.start(src, model=model, atlas=atlas, species=species, model_path=model_path, skip_gene_check=skip_gene_check)
         calls = [] if calls is None else [calls] if isinstance(calls, (str, Path)) else list(calls)
@@ -309,11 +313,12 @@ def annotate_file(
             writers.append(H5adWriter(src, Path(output) if output is not None else None, key_added=key_added, copy_x=copy_x))
         acc = _Calls()
         last = None
+        behind = WriteBehind(writers)
         for part in run.parts(scheduler=scheduler, chunk_size=chunk_size, progress=_counter(progress, src.n_cells)):
             acc.add(part)
-            for w in writers:
-                w.write(part)
+            behind.put(part)
             last = part
+        behind.join()
         if last is None:
             raise InputError(f"{Path(path).name} holds no cells", field="file", fix="Annotate a file with at least one cell.")
         run.finish(last, src.n_cells)
@@ -322,6 +327,11 @@ def annotate_file(
             moved.update(w.close(last) or {})
         writers = []
     finally:
+        if behind is not None and writers:  # stop writing before the outputs are aborted
+            try:
+                behind.join()
+            except BaseException:
+                pass
         for w in writers:
             w.abort()
         src.close()

@@ -12,14 +12,17 @@ raw, obsm, varm, obsp and varp through HDF5 external links (``copy_x=True`` copi
 stored bytes as they are), or the annotations go into the input file itself. New columns
 are written under temporary names and renamed at the end, so an interrupted run leaves
 earlier annotations of the same name in place. Every output is written to a temporary
-name first and renamed when complete.
+name first and renamed when complete. :class:`WriteBehind` writes each block in a thread of
+its own while the next block is scored.
 """
 
 from __future__ import annotations
 
 import gzip
 import os
+import threading
 from pathlib import Path
+from queue import Queue
 from typing import Any
 
 import numpy as np
@@ -31,6 +34,46 @@ from cellatlas.result import AnnotationResult
 _LINKED = ("X", "layers", "raw", "varm", "obsp", "varp")
 """Input elements an output .h5ad reaches through links (obsm too, member by member)."""
 _TMP = "__cellatlas_tmp__"
+
+
+class WriteBehind:
+    """Hands scored blocks to ``writers`` in a thread of its own, in order, so writing one
+    block overlaps scoring the next (at most ``depth`` blocks wait).
+
+    A writer's error is raised by the next :meth:`put` or by :meth:`join`; blocks after it
+    are dropped unwritten (the outputs are aborted by the caller anyway).
+    """
+
+    def __init__(self, writers: list, depth: int = 2) -> None:
+        self.writers = writers
+        self._q: Queue = Queue(maxsize=depth)
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name="cellatlas-writer", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while (part := self._q.get()) is not None:
+            if self._error is None:
+                try:
+                    for w in self.writers:
+                        w.write(part)
+                except BaseException as exc:  # re-raised in the caller's thread
+                    self._error = exc
+
+    def put(self, part: AnnotationResult) -> None:
+        self._raise()
+        self._q.put(part)
+
+    def join(self) -> None:
+        """Wait until every block handed over is written; raise a writer's error."""
+        if self._thread.is_alive():
+            self._q.put(None)
+            self._thread.join()
+        self._raise()
+
+    def _raise(self) -> None:
+        if self._error is not None:
+            raise self._error
 
 
 def _tmp_path(path: Path) -> Path:
