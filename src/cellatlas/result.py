@@ -261,23 +261,32 @@ class AnnotationResult:
         if adata.n_obs != len(self):
             raise ValueError(f"adata has {adata.n_obs} cells but the result has {len(self)}")
         key = key_added
-        df = self.to_dataframe()
-        obs = pd.DataFrame(index=adata.obs.index)
-        obs[key] = pd.Categorical(df["cell_type"].to_numpy())
-        obs[f"{key}_confidence"] = df["cell_type_confidence"].to_numpy()
-        obs[f"{key}_band"] = pd.Categorical(df["cell_type_band"].to_numpy(), categories=["confident", "review", "low"])
-        # few distinct values: categoricals, as anndata stores strings anyway (and 10x cheaper to write)
-        obs[f"{key}_ontology_id"] = pd.Categorical(df["cell_type_ontology_id"].to_numpy().astype(str))
-        obs[f"{key}_level"] = pd.Categorical(df["cell_type_level"].to_numpy().astype(str))
-        obs[f"{key}_parent"] = pd.Categorical(df["cell_type_parent"].to_numpy().astype(str))
-        obs[f"{key}_parent_confidence"] = df["cell_type_parent_confidence"].to_numpy()
-        obs[f"{key}_alternates"] = self.alternates.text()
-        obs[f"{key}_markers"] = df["markers"].to_numpy().astype(str)
-        obs[f"{key}_novel"] = df["novel"].to_numpy()
-        obs[f"{key}_agreement"] = df["agreement"].to_numpy()
-        obs[f"{key}_reason"] = pd.Categorical(df["reason"].to_numpy().astype(str))
-        for name in ("total_counts", "n_genes", "pct_mito", "doublet_score"):
-            obs[f"{key}_{name}"] = df[name].to_numpy()
+
+        def cat(values, categories=None) -> pd.Categorical:  # few distinct values: as anndata stores strings anyway
+            return pd.Categorical(np.asarray(values).astype(str), categories=categories)
+
+        def num(values, dtype=float) -> np.ndarray:
+            return np.asarray(values, dtype=dtype)
+
+        columns = {
+            key: cat(self.label),
+            f"{key}_confidence": num(self.confidence),
+            f"{key}_band": cat(self.band, ["confident", "review", "low"]),
+            f"{key}_ontology_id": cat(self.ontology_id),
+            f"{key}_level": cat(self.level),
+            f"{key}_parent": cat(self.parent_label),
+            f"{key}_parent_confidence": num(self.parent_confidence),
+            f"{key}_alternates": self.alternates.text(),
+            f"{key}_markers": np.array([",".join(m) for m in self.markers], dtype=object).astype(str),
+            f"{key}_novel": num(self.novel, bool),
+            f"{key}_agreement": num(self.agreement, bool),
+            f"{key}_reason": cat(self.reason),
+            f"{key}_total_counts": num(self.total_counts),
+            f"{key}_n_genes": num(self.n_genes, np.int64),
+            f"{key}_pct_mito": num(self.pct_mito),
+            f"{key}_doublet_score": num(self.doublet_score),
+        }
+        obs = pd.DataFrame(columns, index=adata.obs.index)
         renamed = put_obs(adata, obs, reserve=reserve)
         if self.embedding is not None:
             adata.obsm["X_cellatlas"] = np.asarray(self.embedding, dtype=np.float32)
