@@ -56,21 +56,14 @@ def collect_cases(shared: Path) -> list:
 
 def refit_and_call(train: list, test: list) -> dict:
     """Fit on ``train`` cases, call ``test`` cases: their rightness, confidence and grouping-node share."""
-    from cellatlas import calls, fusion, training
+    from cellatlas import training
 
-    X, T, A = training._padded(train)
-    w = np.concatenate([np.full(len(c.truth), c.weight / max(len(c.truth), 1)) for c in train])
-    model = fusion.fit(X, T, w, available=A)
-    probs = [model.probabilities(c.evidence) for c in train]
-    rows = [calls.training_rows(c.evidence, p, c.truth, c.hierarchy) for c, p in zip(train, probs)]
-    cw = np.concatenate([np.full(len(y), c.weight / max(len(c.truth), 1)) for c, (_, y) in zip(train, rows)])
-    cal = calls.fit_calibration(np.vstack([F for F, _ in rows]), np.concatenate([y for _, y in rows]), cw)
+    model, cal, _ = training.fit_cases(train)
     right, conf, grouping = [], [], []
     for c in test:
-        call, cf, *_ = calls.decide(c.evidence, model.probabilities(c.evidence), c.hierarchy, cal)
-        under = c.truth[:, : c.hierarchy.n_cand].astype(np.float32) @ c.hierarchy.member.astype(np.float32) > 0
+        call, cf, ok = training.call_cases(c, model.probabilities(c.evidence), cal)
         judged = c.truth.any(axis=1)
-        right.append(under[np.arange(len(call)), call][judged])
+        right.append(ok[judged])
         conf.append(cf[judged])
         grouping.append((call >= c.hierarchy.n_cand)[judged])
     return {k: np.concatenate(v) for k, v in (("right", right), ("conf", conf), ("grouping", grouping))}

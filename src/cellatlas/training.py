@@ -251,6 +251,15 @@ def fit_fusion(
             cases += _score(atlas, p, _sample(p.labels, rng), model, encoder, rng, parents)
     if not cases:
         return fusion.FusionModel.default(), calls.NodeCalibration.default()
+    fitted, calibration, probs = fit_cases(cases)
+    fitted.summary.update(_summary(calibration, cases, probs))
+    log(f"  fusion model fitted on {sum(len(c.truth) for c in cases)} held-out cases: {fitted.summary['by_variant']}")
+    return fitted, calibration
+
+
+def fit_cases(cases: list[Cases]) -> tuple[fusion.FusionModel, "calls.NodeCalibration", list[np.ndarray]]:
+    """The fusion model and the node calibration fitted on ``cases`` (each case set's weight
+    shared by its cases), and each set's probabilities under the fitted model."""
     X, T, A = _padded(cases)
     w = np.concatenate([np.full(len(c.truth), c.weight / max(len(c.truth), 1)) for c in cases])
     fitted = fusion.fit(X, T, w, available=A)
@@ -258,9 +267,14 @@ def fit_fusion(
     rows = [calls.training_rows(c.evidence, p, c.truth, c.hierarchy) for c, p in zip(cases, probs)]
     cw = np.concatenate([np.full(len(y), c.weight / max(len(c.truth), 1)) for c, (_, y) in zip(cases, rows)])
     calibration = calls.fit_calibration(np.vstack([F for F, _ in rows]), np.concatenate([y for _, y in rows]), cw)
-    fitted.summary.update(_summary(calibration, cases, probs))
-    log(f"  fusion model fitted on {len(T)} held-out cases: {fitted.summary['by_variant']}")
-    return fitted, calibration
+    return fitted, calibration, probs
+
+
+def call_cases(c: Cases, prob: np.ndarray, calibration: "calls.NodeCalibration") -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Call, confidence and rightness (the truth is the call or below it) of one case set's cells."""
+    call, cf, *_ = calls.decide(c.evidence, prob, c.hierarchy, calibration)
+    under = c.truth[:, : c.hierarchy.n_cand].astype(np.float32) @ c.hierarchy.member.astype(np.float32) > 0
+    return call, cf, under[np.arange(len(call)), call]
 
 
 def _padded(cases: list[Cases]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -283,9 +297,8 @@ def _summary(calibration: "calls.NodeCalibration", cases: list[Cases], probs: li
     """Held-out accuracy, mean confidence and ECE of the calls (in sample for the few fitted coefficients), per variant and source."""
     per = []  # (right, confidence) of each case's calls
     for c, prob in zip(cases, probs):
-        call, cf, *_ = calls.decide(c.evidence, prob, c.hierarchy, calibration)
-        under = c.truth[:, : c.hierarchy.n_cand].astype(np.float32) @ c.hierarchy.member.astype(np.float32) > 0
-        per.append((under[np.arange(len(call)), call], cf))
+        _, cf, right = call_cases(c, prob, calibration)
+        per.append((right, cf))
 
     def stats(which: list[int]) -> dict:
         r, cf = np.concatenate([per[i][0] for i in which]), np.concatenate([per[i][1] for i in which])
