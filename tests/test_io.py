@@ -18,7 +18,7 @@ import pytest
 import scipy.io
 import scipy.sparse as sp
 
-from cellatlas import io
+from cellatlas import io, io_values
 from cellatlas.config import get_settings
 from cellatlas.errors import InputError
 
@@ -256,7 +256,8 @@ def test_detect_values_kinds():
 def test_detect_values_samples_rows():
     C = sp.csr_matrix(_counts(10_000, 20))
     C = C.tolil()
-    C[1, 0] = 0.5  # a row that the evenly spaced sample (2000 of 10000) skips
+    assert 100 not in io_values.sample_index(10_000)
+    C[100, 0] = 0.5  # a row that the sample (40 runs of 50 of the 10000 rows) skips
     assert io.detect_values(C.tocsr()) == "counts"
     C[0, 0] = -1.0  # the first row is always sampled
     assert io.detect_values(C.tocsr()) == "scaled"

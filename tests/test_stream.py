@@ -226,3 +226,26 @@ def test_a_writer_failing_mid_run_stops_the_run_and_leaves_no_partial_file(files
         annotate_file(files / "cells.h5ad", calls=tmp_path / "c.csv", output=tmp_path / "o.h5ad", chunk_size=CHUNK)
     assert len(seen) == 3  # the parts after the failing one were not written
     assert not list(tmp_path.iterdir())  # neither output nor a temporary file is left
+
+
+def test_value_detection_sample_is_read_in_a_few_runs_of_rows():
+    from cellatlas.io_values import sample_index
+    from cellatlas.stream_sources import CsrRows
+
+    class Counting(np.ndarray):  # an on-disk array stand-in that counts its reads
+        reads = 0
+
+        def __getitem__(self, key):
+            if isinstance(key, slice):
+                Counting.reads += 1
+            return np.asarray(super().__getitem__(key))
+
+    n = 200_000
+    X = sp.random(n, 300, density=0.01, format="csr", random_state=0, dtype=np.float32)
+    idx = sample_index(n)
+    assert len(idx) == 2000 and np.all(np.diff(idx) > 0) and idx[0] == 0 and idx[-1] == n - 1
+    rows = CsrRows(X.data.view(Counting), X.indices.view(Counting), X.indptr, X.shape)
+    got = rows[idx]
+    assert (got != X[idx]).nnz == 0
+    assert Counting.reads <= 2 * 40  # 40 runs of consecutive rows, one read per run and array (not 2,000)
+    assert list(sample_index(1500)) == list(range(1500))

@@ -27,6 +27,7 @@ _CSR_HOWTO = (
     "data=X.data.tolist(), shape=list(X.shape)."
 )
 _DETECT_ROWS = 2000
+_DETECT_RUNS = 40
 _MAX_DIM = 2**62
 _LOG_MAX = 30.0
 
@@ -162,17 +163,24 @@ def _int_array(values: Any, field: str) -> np.ndarray:
 
 
 # --------------------------------------------------------------------------- values
-def sample_index(n: int, n_rows: int = _DETECT_ROWS) -> np.ndarray:
-    """The rows (increasing) that value detection reads of an ``n``-row matrix: up to 2000, evenly spread.
+def sample_index(n: int, n_rows: int = _DETECT_ROWS, n_runs: int = _DETECT_RUNS) -> np.ndarray:
+    """The rows (increasing) that value detection reads of an ``n``-row matrix: up to 2000.
 
-    A dataset read in blocks is judged on these same rows, so it is converted as the
+    Above ``n_rows`` rows they come as ``n_runs`` runs of consecutive rows, evenly spread: as
+    representative as single rows for a matrix sorted by sample or cell type, and a file
+    stored in chunks (HDF5, zarr) is read in ``n_runs`` small pieces instead of touching every
+    chunk. A dataset read in blocks is judged on these same rows, so it is converted as the
     whole matrix in memory would be.
     """
-    return np.unique(np.linspace(0, n - 1, min(n, n_rows)).astype(np.int64))
+    if n <= n_rows:
+        return np.arange(n, dtype=np.int64)
+    run = max(1, n_rows // n_runs)
+    starts = np.linspace(0, n - run, n_rows // run).astype(np.int64)
+    return np.unique((starts[:, None] + np.arange(run)).ravel())
 
 
 def sample_rows(X: Any, n_rows: int = _DETECT_ROWS) -> sp.csr_matrix:
-    """Up to ``n_rows`` rows spread evenly over ``X`` (deterministic), as float32 CSR; NaN/inf read as 0."""
+    """The rows :func:`sample_index` names (deterministic), as float32 CSR; NaN/inf read as 0."""
     X = as_matrix_like(X)
     if len(X.shape) != 2 or X.shape[0] == 0 or np.dtype(X.dtype).kind not in "biuf":
         return sp.csr_matrix((0, 0), dtype=np.float32)
@@ -264,8 +272,8 @@ def detect_values(X: Any) -> str:
 
     Notes
     -----
-    Rows are sampled evenly across the matrix (deterministic, sparse-aware: only
-    the sampled rows are read). NaN/inf are ignored here
+    Rows are sampled in runs spread evenly across the matrix (:func:`sample_index`;
+    deterministic, sparse-aware: only the sampled rows are read). NaN/inf are ignored here
     (:func:`cellatlas.io.validate_matrix` rejects them). For ``"lognorm"`` the log
     base is found by :func:`detect_log_base`.
     """

@@ -45,6 +45,8 @@ class Query:
     report: dict[str, Any] = field(default_factory=dict)
     mapping: Any = None
     """The :class:`~cellatlas.genes.GeneMapping` of the input columns (for diagnoses)."""
+    mito_columns: np.ndarray | None = field(default=None, repr=False)
+    """Mask of the mitochondrial input columns when already known (a dataset's blocks share it)."""
 
     @property
     def n_cells(self) -> int:
@@ -58,6 +60,8 @@ class Query:
     @cached_property
     def mito(self) -> np.ndarray:
         """Boolean mask of the mitochondrial input columns."""
+        if self.mito_columns is not None:
+            return self.mito_columns
         if self.mapping is None:
             return np.zeros(self.raw.shape[1], dtype=bool)
         return mito_mask(self.mapping.genes, self.mapping.symbols)
@@ -77,7 +81,7 @@ class Query:
         return plan.apply(row_block(self.raw, start, stop))
 
     def subset(self, rows: slice | np.ndarray) -> "Query":
-        return Query(self.raw[rows], self.colmap, self.genes, self.cell_ids[rows], self.report, self.mapping)
+        return Query(self.raw[rows], self.colmap, self.genes, self.cell_ids[rows], self.report, self.mapping, self.mito)
 
 
 def column_plan(colmap: np.ndarray, n_genes: int, gene_cols: np.ndarray) -> ColumnPlan:
@@ -105,6 +109,13 @@ class GeneSpace:
     mapping: Any
     report: dict[str, Any]
     """Mapping report plus the column counts (``n_genes_input``, ``n_genes_used``, ...)."""
+
+    @cached_property
+    def mito(self) -> np.ndarray:
+        """Mask of the mitochondrial input columns (read-only; computed once per gene list)."""
+        mask = mito_mask(self.mapping.genes, self.mapping.symbols)
+        mask.flags.writeable = False
+        return mask
 
 
 def _stored_mapping(names: tuple[str, ...], species: str | None):
@@ -270,7 +281,7 @@ def prepare_query(
         gene_check = run_gene_check(counts, space, skip_gene_check)
     report = copy.deepcopy(space.report)
     report.update({"matrix_source": source, "values": values[0], "n_cells": int(n), "gene_check": gene_check.report()})
-    return Query(counts, space.colmap, list(space.genes), cell_ids, report, space.mapping)
+    return Query(counts, space.colmap, list(space.genes), cell_ids, report, space.mapping, space.mito)
 
 
 def run_gene_check(counts: sp.csr_matrix, space: GeneSpace, skip: bool = False):
