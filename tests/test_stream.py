@@ -86,6 +86,9 @@ def test_dask_cluster_gives_the_in_memory_calls(cells, files, reference):
         # each worker built its runtime once and kept it for its next blocks
         built = client.run(lambda: sum(1 for k in __import__("cellatlas.cluster").cluster._WORKER if k[0] == "annotator"))
         assert set(built.values()) == {1}
+        # nanny-started workers run with MALLOC_TRIM_THRESHOLD_ set; each put back glibc's large-block reuse once
+        tuned = client.run(lambda: (os.environ.get("MALLOC_TRIM_THRESHOLD_"), __import__("cellatlas.cluster").cluster._WORKER.get("malloc")))
+        assert all(env and done is True for env, done in tuned.values()), tuned
         # the machine's cores are shared among both workers' task threads, not given to each
         from cellatlas.cluster import task_threads
 
@@ -249,3 +252,11 @@ def test_value_detection_sample_is_read_in_a_few_runs_of_rows():
     assert (got != X[idx]).nnz == 0
     assert Counting.reads <= 2 * 40  # 40 runs of consecutive rows, one read per run and array (not 2,000)
     assert list(sample_index(1500)) == list(range(1500))
+
+
+def test_worker_malloc_is_left_alone_without_the_nanny_variable(monkeypatch):
+    from cellatlas import cluster
+
+    monkeypatch.delenv("MALLOC_TRIM_THRESHOLD_", raising=False)
+    monkeypatch.setattr(cluster, "_WORKER", {})
+    assert cluster._worker_malloc() is False and "malloc" not in cluster._WORKER
