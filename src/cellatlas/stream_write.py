@@ -149,7 +149,7 @@ class H5adWriter:
         import h5py
 
         self.src, self.key, self.n, self.pos = src, key_added, src.n_cells, 0
-        self.output, self.columns, self.cats = output, [], {}
+        self.output, self.columns, self.cats, self._open = output, [], {}, {}
         from_h5ad = getattr(src, "fmt", None) == "h5ad"
         if output is None:
             if not from_h5ad or src.root.file.mode != "r+":
@@ -241,15 +241,19 @@ class H5adWriter:
         self.pos = b
 
     def _dataset(self, group: str, name: str, shape, dtype, encoding: str = "array"):
-        """The temporary dataset for ``group/name``, created on first use."""
-        g = self.f[group]
-        tmp = _TMP + name
-        if tmp not in g:
-            g.create_dataset(tmp, shape=shape, dtype=dtype)
-            _attrs(g[tmp], encoding)
-            if group == "obs":
-                self.columns.append(name)
-        return g[tmp]
+        """The temporary dataset for ``group/name``, created on first use (its handle kept: looking
+        it up again for each column of each block cost a second of h5py calls per million cells)."""
+        ds = self._open.get((group, name))
+        if ds is None:
+            g = self.f[group]
+            tmp = _TMP + name
+            if tmp not in g:
+                g.create_dataset(tmp, shape=shape, dtype=dtype)
+                _attrs(g[tmp], encoding)
+                if group == "obs":
+                    self.columns.append(name)
+            ds = self._open[(group, name)] = g[tmp]
+        return ds
 
     def _column(self, col: str, values: pd.Series, a: int, b: int) -> None:
         import h5py
