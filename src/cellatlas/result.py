@@ -83,6 +83,21 @@ class Alternates:
         return list(self) == list(other)
 
 
+def _str_categorical(values, categories=None) -> pd.Categorical:
+    """``pd.Categorical(np.asarray(values).astype(str), categories=categories)`` without copying
+    every cell's string: strings are factorised as they are and only the distinct ones sorted."""
+    arr = np.asarray(values)
+    if categories is None and arr.dtype == object and arr.ndim == 1:
+        codes, uniq = pd.factorize(arr, use_na_sentinel=False)
+        if all(isinstance(u, str) for u in uniq):  # the usual case; None, numbers: as text, below
+            text = np.asarray(uniq, dtype=object)
+            order = np.argsort(text, kind="stable")
+            rank = np.empty(len(order), dtype=np.int64)
+            rank[order] = np.arange(len(order))
+            return pd.Categorical.from_codes(rank[codes] if len(codes) else codes, categories=text[order])
+    return pd.Categorical(arr.astype(str), categories=categories)
+
+
 def band_of(confidence: np.ndarray) -> np.ndarray:
     """Map confidence to ``confident`` (>= 0.7), ``review`` (0.4-0.7) or ``low`` (< 0.4)."""
     c = np.asarray(confidence, dtype=float)
@@ -263,7 +278,7 @@ class AnnotationResult:
         key = key_added
 
         def cat(values, categories=None) -> pd.Categorical:  # few distinct values: as anndata stores strings anyway
-            return pd.Categorical(np.asarray(values).astype(str), categories=categories)
+            return _str_categorical(values, categories)
 
         def num(values, dtype=float) -> np.ndarray:
             return np.asarray(values, dtype=dtype)

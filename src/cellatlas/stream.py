@@ -214,9 +214,9 @@ class _Calls:
         self.codes, self.conf, self.novel = [], [], []
 
     def add(self, res: AnnotationResult) -> None:
-        names, inverse = np.unique(np.asarray(res.label, dtype=str), return_inverse=True)
+        inverse, names = pd.factorize(np.asarray(res.label, dtype=object), use_na_sentinel=False)
         codes = np.array([self.labels.setdefault(str(lab), len(self.labels)) for lab in names], dtype=np.int32)
-        self.codes.append(codes[inverse.ravel()])
+        self.codes.append(codes[inverse] if len(inverse) else np.zeros(0, np.int32))
         self.conf.append(np.asarray(res.confidence, dtype=np.float32))
         self.novel.append(np.asarray(res.novel, dtype=bool))
 

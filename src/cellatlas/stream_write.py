@@ -255,20 +255,21 @@ class H5adWriter:
             ds = self._open[(group, name)] = g[tmp]
         return ds
 
-    def _column(self, col: str, values: pd.Series, a: int, b: int) -> None:
+    def _column(self, col: str, values, a: int, b: int) -> None:
         import h5py
 
-        if isinstance(values.dtype, pd.CategoricalDtype):
+        if isinstance(values, pd.Categorical):
             cats = self.cats.setdefault(col, {})
-            lookup = np.array([cats.setdefault(str(c), len(cats)) for c in values.cat.categories], dtype=np.int32)
-            codes = values.cat.codes.to_numpy()
+            lookup = np.array([cats.setdefault(str(c), len(cats)) for c in values.categories], dtype=np.int32)
+            codes = np.asarray(values.codes)
             ds = self._dataset("obs", col, (self.n,), np.int32, "categorical-codes")
             ds[a:b] = np.where(codes >= 0, lookup[np.maximum(codes, 0)], -1)
-        elif values.dtype.kind in "biuf":
-            self._dataset("obs", col, (self.n,), values.dtype)[a:b] = values.to_numpy()
+        elif np.asarray(values).dtype.kind in "biuf":
+            values = np.asarray(values)
+            self._dataset("obs", col, (self.n,), values.dtype)[a:b] = values
         else:
             ds = self._dataset("obs", col, (self.n,), h5py.string_dtype(), "string-array")
-            ds[a:b] = values.astype(str).to_numpy(dtype=object)
+            ds[a:b] = pd.Series(values, copy=False).astype(str).to_numpy(dtype=object)
 
     # ------------------------------------------------------------------ finish
     def close(self, last: AnnotationResult) -> dict[str, str]:
@@ -353,11 +354,24 @@ class H5adWriter:
                 del self.f[group][name]
 
 
+class _Columns(dict):
+    """A stub's ``obs``: the columns as :meth:`AnnotationResult.write_adata` puts them (categoricals
+    and arrays), without a DataFrame to insert each one into for every block."""
+
+    def __init__(self, n: int):
+        super().__init__()
+        self.index = pd.RangeIndex(n)
+
+    @property
+    def columns(self) -> list[str]:
+        return list(self)
+
+
 class _Stub:
     """The part of an AnnData that :meth:`AnnotationResult.write_adata` writes into (one block's cells)."""
 
     def __init__(self, n: int):
-        self.n_obs, self.obs, self.obsm, self.uns = n, pd.DataFrame(index=pd.RangeIndex(n).astype(str)), {}, {}
+        self.n_obs, self.obs, self.obsm, self.uns = n, _Columns(n), {}, {}
 
 
 def write_uns(group, name: str, value: Any) -> None:
