@@ -211,11 +211,11 @@ class CsrRows:
 def _read_ranges(ds, lo: np.ndarray, hi: np.ndarray) -> np.ndarray:
     """``concatenate([ds[a:b] for a, b in zip(lo, hi)])`` for increasing, non-overlapping ranges.
 
-    Ranges that cover at least an eighth of the span from the first to the last are read
-    as that one span and gathered (value detection's 2,000 rows of a 10,000-cell file);
-    sparser ones one range at a time into the output (touching ranges as one: value detection's
-    runs of rows). An HDF5 selection made of every
-    range OR-ed together was 2-3.5x slower than either (and ``read_direct`` per range 4x).
+    Touching ranges are read as one (value detection's runs of consecutive rows). Ranges that
+    cover at least an eighth of the span from the first to the last are read as that one span
+    and gathered (value detection's 2,000 rows of a 10,000-cell file); sparser ones one range at
+    a time into the output. An HDF5 selection made of every range OR-ed together was 2-3.5x
+    slower than either (and ``read_direct`` per range 4x).
     """
     keep = hi > lo
     lo, hi = lo[keep], hi[keep]
