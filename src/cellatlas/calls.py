@@ -109,7 +109,9 @@ def path_probabilities(ev: Evidence, prob: np.ndarray, h: Hierarchy, cal: NodeCa
     p = np.zeros(br.shape)
     for d in range(br.shape[1]):
         ok = br[:, d] >= 0
-        if ok.any():
+        if ok.all():  # every cell's branch reaches this depth (always the first): no copies
+            p[:, d] = cal.predict(node_features(ev, prob, mass, br[:, d], h))
+        elif ok.any():
             p[ok, d] = cal.predict(node_features(ev.take(np.nonzero(ok)[0]), prob[ok], mass[ok], br[ok, d], h))
     p = np.minimum.accumulate(np.where(br >= 0, p, 1.0), axis=1)
     return br, np.where(br >= 0, p, 0.0)

@@ -397,7 +397,7 @@ class AtlasRuntime:
         Ties in expression rank keep the order of the label's marker list.
         """
         cols, slot = self._marker_slots
-        R = sc.ranks[:, cols].tocsr()  # only genes that are some node's positive marker
+        R = self._marker_plan.apply(sc.ranks)  # only genes that are some node's positive marker
         n = R.shape[0]
         rows = np.repeat(np.arange(n), np.diff(R.indptr))
         pos = slot[R.indices, sc.call[rows]]  # place in the called node's list, -1: not its marker
@@ -415,6 +415,11 @@ class AtlasRuntime:
         bounds = np.searchsorted(r[top], np.arange(n + 1)).tolist()
         flat = names.tolist()
         return [flat[a:b] for a, b in zip(bounds[:-1], bounds[1:])]
+
+    @cached_property
+    def _marker_plan(self) -> ColumnPlan:
+        """Selection of the :attr:`_marker_slots` columns from rows over the universe."""
+        return ColumnPlan.select(len(self.universe), self._marker_slots[0])
 
     @cached_property
     def _marker_slots(self) -> tuple[np.ndarray, np.ndarray]:
