@@ -109,10 +109,9 @@ def path_probabilities(ev: Evidence, prob: np.ndarray, h: Hierarchy, cal: NodeCa
     p = np.zeros(br.shape)
     for d in range(br.shape[1]):
         ok = br[:, d] >= 0
-        if ok.all():  # every cell's branch reaches this depth (always the first): no copies
-            p[:, d] = cal.predict(node_features(ev, prob, mass, br[:, d], h))
-        elif ok.any():
-            p[ok, d] = cal.predict(node_features(ev.take(np.nonzero(ok)[0]), prob[ok], mass[ok], br[ok, d], h))
+        if ok.any():  # a depth every cell's branch reaches (always the first) is read as views, not copies
+            rows = slice(None) if ok.all() else np.nonzero(ok)[0]
+            p[rows, d] = cal.predict(node_features(ev.take(rows), prob[rows], mass[rows], br[rows, d], h))
     p = np.minimum.accumulate(np.where(br >= 0, p, 1.0), axis=1)
     return br, np.where(br >= 0, p, 0.0)
 
@@ -142,6 +141,12 @@ def decide(ev: Evidence, prob: np.ndarray, h: Hierarchy, cal: NodeCalibration):
     return call, conf.astype(np.float32), parent, p_conf.astype(np.float32), novel_p >= NOVEL_THRESHOLD
 
 
+def right_nodes(truth: np.ndarray, h: Hierarchy) -> np.ndarray:
+    """``[n, n_nodes]``: whether each node is right for each case (some right option of the case
+    is a candidate under it: the truth is the node, below it, or a coarser label that includes it)."""
+    return truth[:, : h.n_cand].astype(np.float32) @ h.member.astype(np.float32) > 0
+
+
 def training_rows(ev: Evidence, prob: np.ndarray, truth: np.ndarray, h: Hierarchy) -> tuple[np.ndarray, np.ndarray]:
     """Node features and rightness for every node on the branch of held-out cases (to fit the calibration).
 
@@ -150,7 +155,7 @@ def training_rows(ev: Evidence, prob: np.ndarray, truth: np.ndarray, h: Hierarch
     """
     mass = h.mass(prob[:, : h.n_cand])
     br = path(mass, h)
-    right_under = truth[:, : h.n_cand].astype(np.float32) @ h.member.astype(np.float32) > 0  # [n, n_nodes]
+    right_under = right_nodes(truth, h)
     F, y = [], []
     for d in range(br.shape[1]):
         ok = np.nonzero(br[:, d] >= 0)[0]

@@ -83,7 +83,8 @@ class Evidence:
     def n_cand(self) -> int:
         return self.knn.shape[1]
 
-    def take(self, rows: np.ndarray) -> "Evidence":
+    def take(self, rows: np.ndarray | slice) -> "Evidence":
+        """The evidence of ``rows`` (a slice gives views, an index array copies)."""
         return Evidence(self.raw_centred[rows], self.z[rows], self.knn[rows], self.distance[rows],
                         self.log_expressed[rows], self.seen, self.coverage, self.knn_top[rows], self.n_foil)
 

@@ -273,8 +273,7 @@ def fit_cases(cases: list[Cases]) -> tuple[fusion.FusionModel, "calls.NodeCalibr
 def call_cases(c: Cases, prob: np.ndarray, calibration: "calls.NodeCalibration") -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Call, confidence and rightness (the truth is the call or below it) of one case set's cells."""
     call, cf, *_ = calls.decide(c.evidence, prob, c.hierarchy, calibration)
-    under = c.truth[:, : c.hierarchy.n_cand].astype(np.float32) @ c.hierarchy.member.astype(np.float32) > 0
-    return call, cf, under[np.arange(len(call)), call]
+    return call, cf, calls.right_nodes(c.truth, c.hierarchy)[np.arange(len(call)), call]
 
 
 def _padded(cases: list[Cases]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
