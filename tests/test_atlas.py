@@ -121,9 +121,33 @@ def test_download_verifies_checksum_and_caches(small_atlas, file_server, isolate
 
 
 def test_grouping_nodes_are_not_candidates():
+    from cellatlas.markers import load_labels
+
     at = load_atlas("human-core")
+    kind = load_labels()["kind"]
+    cands = set(at.meta["candidates"])
     parents = {p for p in at.labels["parent"] if isinstance(p, str) and p}
-    assert not parents & set(at.meta["candidates"]) - set(at.reference_labels)
+    assert parents & cands == {"Fibroblast"}  # a type of its own, with pancreatic stellate cells below it
+    assert "Pancreatic stellate cell" in cands
+    assert not {lab for lab in cands if kind.get(lab) == "group"}
+    assert {"T cell", "CD4 T cell", "Monocyte", "Endothelial cell"} <= set(at.reference_labels) - cands
+
+
+def test_a_type_above_another_candidate_stays_a_candidate_and_votes_for_itself_alone():
+    from cellatlas.atlas_build import _candidates
+    from cellatlas.markers import load_curated_markers
+    from cellatlas.runtime import AtlasRuntime
+
+    base = load_curated_markers()
+    parents = {"Pancreatic stellate cell": "Fibroblast", "Fibroblast": "Stromal cell", "CD8 T cell": "T cell"}
+    cands = _candidates(["Fibroblast", "T cell"], ["Pancreatic stellate cell", "CD8 T cell"], base, parents)
+    assert cands == ["Fibroblast", "Pancreatic stellate cell", "CD8 T cell"]  # "T cell" is a group
+    rt = AtlasRuntime(load_atlas("human-core"), "default", list(load_atlas("human-core").ref_genes))
+    ref = list(rt.atlas.reference_labels)
+    col = {c: j for j, c in enumerate(rt.candidates)}
+    fib, tc = rt.knn_map[ref.index("Fibroblast")], rt.knn_map[ref.index("T cell")]
+    assert fib[col["Fibroblast"]] == 1 and fib.sum() == 1  # not a vote for stellate cells
+    assert tc[col["CD8 T cell"]] == 1 and tc[col["Naive CD4 T cell"]] == 1  # a group's cells vote for all below
 
 
 def test_foils_are_absent_leaf_types_outside_the_candidates():

@@ -124,6 +124,26 @@ def test_calls_stop_where_the_next_step_is_more_likely_wrong():
     assert novel.tolist() == [False, False, True] and conf[2] <= 0.5
 
 
+def test_a_candidate_with_finer_candidates_below_is_called_when_its_own_probability_leads():
+    parents = {"stellate": "fibroblast", "fibroblast": "stromal", "endo": ""}
+    h = Hierarchy.build(["fibroblast", "stellate", "endo"], parents)
+    assert h.inner_candidates.tolist() == [0]
+    ev = _evidence(np.zeros((3, 3)), np.zeros((3, 3)), [True, True, True])
+    prob = np.array([[0.6, 0.3, 0.1, 0.0], [0.2, 0.7, 0.1, 0.0], [0.3, 0.35, 0.35, 0.0]])
+    mass = h.mass(prob[:, :3])
+    assert mass[0, 0] == pytest.approx(0.9) and h.own(mass, np.zeros(3, int))[0] == pytest.approx(0.6)
+    br = calls.path(mass, h)
+    assert [h.nodes[j] for j in br[0] if j >= 0] == ["stromal", "fibroblast"]  # its own 0.6 beats the child's 0.3
+    assert [h.nodes[j] for j in br[2] if j >= 0] == ["stromal", "fibroblast", "stellate"]  # 0.35 beats 0.3
+    call, conf, *_ = calls.decide(ev, prob, h, calls.NodeCalibration.default())
+    names = [h.nodes[c] for c in call]
+    # the unfitted calibration reads each node's mass: a fibroblast at 0.9 (its own 0.6 and the
+    # stellate cell's 0.3), a stellate cell at 0.7; at 0.35 the stellate step is more likely
+    # wrong than right, so the call stays at "fibroblast" (0.65 with it)
+    assert names == ["fibroblast", "stellate", "fibroblast"]
+    assert conf.tolist() == pytest.approx([0.9, 0.7, 0.65], abs=1e-3)
+
+
 def test_path_probabilities_never_increase_down_the_branch():
     parents = {"a": "A", "b": "A"}
     h = Hierarchy.build(["a", "b"], parents)

@@ -89,6 +89,15 @@ def test_truth_options_accept_every_candidate_under_a_coarse_truth():
     assert not T[5].any()  # unknown truth: left out
 
 
+def test_a_truth_that_is_a_candidate_is_right_for_it_alone():
+    parents = {"Pancreatic stellate cell": "Fibroblast", "Fibroblast": "Stromal cell"}
+    T = truth_options(["Fibroblast", "Pancreatic stellate cell", "Stromal cell"],
+                      ["Fibroblast", "Pancreatic stellate cell"], [], parents)
+    assert T[0].tolist() == [True, False, False]  # a fibroblast is not thereby a stellate cell
+    assert T[1].tolist() == [False, True, False]
+    assert T[2].tolist() == [True, True, False]
+
+
 def test_a_finer_truth_is_right_for_the_coarser_candidate():
     parents = {"Naive CD4 T cell": "CD4 T cell", "CD4 T cell": "T cell"}
     T = truth_options(["Naive CD4 T cell"], ["CD4 T cell", "B cell"], [], parents)

@@ -91,15 +91,21 @@ def _label_rows(ref_labels: list[str], extra: list[str], ontology: dict[str, str
 
 
 def _effective_markers(labels: list[str], base: dict[str, dict], parents: dict[str, str]) -> dict[str, dict]:
-    """Own positives plus the parent's; own negatives plus every ancestor's."""
+    """Own positives plus the nearest grouping ancestor's; own negatives plus every ancestor's.
+
+    A parent that is a cell type of its own ("Fibroblast" above "Pancreatic stellate cell") is
+    skipped for positives: its markers describe its own kind of cell, not what its finer types share.
+    """
     out = {}
+    kind = load_labels()["kind"]
     for lab in labels:
         own = base.get(lab, {"positive": [], "negative": []})
         pos = list(own.get("positive", []))
         neg = list(own.get("negative", []))
         chain = parent_chain(lab, parents)
-        if chain:
-            pos += [g for g in base.get(chain[0], {}).get("positive", []) if g not in pos and g not in neg]
+        shared = next((a for a in chain if kind.get(a) != "type"), None)
+        if shared is not None:
+            pos += [g for g in base.get(shared, {}).get("positive", []) if g not in pos and g not in neg]
         for a in chain:
             neg += [g for g in base.get(a, {}).get("negative", []) if g not in neg and g not in pos]
         out[lab] = {"positive": pos, "negative": neg, "sources": own.get("sources", {})}
@@ -111,15 +117,19 @@ def _candidates(ref_labels: list[str], marker_labels: Sequence[str], base: dict,
 
     A label with another candidate below it is a grouping node (a roll-up target, never a
     candidate: it would out-score its own children); its reference cells vote for it, and so
-    for every candidate below it.
+    for every candidate below it. A label the vocabulary calls a ``type`` of its own stays a
+    candidate with finer types below it ("Fibroblast" above "Pancreatic stellate cell"): its
+    reference cells vote for it alone, and its node's mass includes its children's.
     """
-    table_parents = {lab: (p if isinstance(p, str) else "") for lab, p in load_labels()["parent"].items()}
+    table = load_labels()
+    table_parents = {lab: (p if isinstance(p, str) else "") for lab, p in table["parent"].items()}
+    groups = set(table.index[table["kind"] == "group"])
     pool = list(dict.fromkeys(list(ref_labels) + [
         m for m in marker_labels if len(base.get(m, {}).get("positive", [])) >= MIN_MARKERS
     ]))
     merged = {**table_parents, **parents}
     above = {a for lab in pool for a in parent_chain(lab, merged)}
-    return [lab for lab in pool if lab not in above]
+    return [lab for lab in pool if lab not in above or (lab in table.index and lab not in groups)]
 
 
 def _foil_sets(candidates: Sequence[str], grouping: set[str], curated: dict[str, dict]) -> dict[str, dict]:

@@ -33,16 +33,25 @@ THRESHOLD = 0.5
 
 
 def path(mass: np.ndarray, h: Hierarchy) -> np.ndarray:
-    """``[n, depth]`` nodes of the most probable branch from a root down to a candidate (``-1`` padded)."""
+    """``[n, depth]`` nodes of the most probable branch from a root down to a candidate (``-1`` padded).
+
+    At a candidate with candidates below it the branch ends when the candidate's own
+    probability is at least every child's mass.
+    """
     n, n_nodes = mass.shape
     children = np.zeros((n_nodes + 1, n_nodes), dtype=bool)
     children[h.parent + 1, np.arange(n_nodes)] = True  # children[j + 1]: children of node j; [0]: roots
+    inner = np.zeros(n_nodes + 1, dtype=bool)
+    inner[h.inner_candidates + 1] = True
     current = np.full(n, -1)
     out = []
     for _ in range(int(h.depth.max()) + 1):
         masked = np.where(children[current + 1], mass, -1.0)
         child = masked.argmax(axis=1)
         has = masked[np.arange(n), child] > -1.0
+        at_inner = np.nonzero(inner[current + 1] & has)[0]
+        if len(at_inner):
+            has[at_inner] &= masked[at_inner, child[at_inner]] > h.own(mass[at_inner], current[at_inner])
         if not has.any():
             break
         current = np.where(has, child, current)

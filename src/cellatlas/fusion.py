@@ -9,7 +9,8 @@ The evidence (computed in :mod:`cellatlas.runtime`):
   how many genes were measured;
 * the distance-weighted vote of the cell's nearest reference neighbours, per hierarchy node,
   read for each label as the vote for the label or any label above it (a reference cell
-  labelled "T cell" supports every kind of T cell; markers choose among them);
+  labelled "T cell" supports every kind of T cell; markers choose among them), except that
+  a reference label that can itself be called votes for itself alone;
 * how far the cell lies from the reference (robust z of its neighbour distance).
 
 :class:`FusionModel` is a conditional logit over the options "each candidate label", "each
@@ -228,12 +229,13 @@ def fit(X: np.ndarray, truth: np.ndarray, weight: np.ndarray | None = None, l2: 
 
 @dataclass
 class Hierarchy:
-    """Candidates (leaves) and their ancestors as matrices for vectorised roll-up.
+    """Candidates and their ancestors as matrices for vectorised roll-up.
 
     ``above[a, b]`` is True when node ``b`` is node ``a`` or one of its ancestors; ``member``
     is its rows for the candidates (``member[c, j]``: node ``j`` is candidate ``c`` or above it)
     and ``depth`` the number of ancestors of each node. Nodes ``0..n_cand-1`` are the
-    candidates themselves.
+    candidates themselves; a candidate may sit above others (a type with finer types below
+    it), and then its node's mass is its own probability plus theirs.
     """
 
     nodes: list[str]
@@ -270,6 +272,17 @@ class Hierarchy:
         self.member = self.above[: self.n_cand]  # [n_cand, n_nodes]
         self.depth = self.above.sum(axis=1) - 1
         self._member_f = self.member.astype(np.float32)
+        # Candidates with candidates below them: where the cell's own probability of such a
+        # candidate exceeds every child's mass, the branch ends there.
+        has_child = np.zeros(len(self.nodes), dtype=bool)
+        has_child[self.parent[self.parent >= 0]] = True
+        self.inner_candidates = np.nonzero(has_child[: self.n_cand])[0]
+
+    def own(self, mass: np.ndarray, nodes: np.ndarray) -> np.ndarray:
+        """``[n]`` the probability of candidate ``nodes[i]`` itself (its mass minus its children's)."""
+        rows = np.arange(len(nodes))
+        kids = (self.parent[None, :] == nodes[:, None])  # [n, n_nodes]
+        return mass[rows, nodes] - np.where(kids, mass, 0.0).sum(axis=1)
 
     def mass(self, p: np.ndarray) -> np.ndarray:
         """Probability mass of every node ``[n, n_nodes]`` from candidate probabilities."""

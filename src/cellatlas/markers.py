@@ -76,7 +76,10 @@ def load_labels() -> pd.DataFrame:
     pandas.DataFrame
         Index ``label``; columns ``ontology_id`` (Cell Ontology id), ``parent`` (another
         label, or ``""`` at the top of the hierarchy), ``lineage`` (immune, stromal,
-        epithelial, endothelial, neural or parenchymal), ``tissue`` and ``description``.
+        epithelial, endothelial, neural or parenchymal), ``tissue``, ``description`` and
+        ``kind``: ``group`` for a label whose children make it up (never called itself when
+        one of them can be), ``type`` for a cell type of its own, callable even with finer
+        types below it ("Fibroblast" above "Pancreatic stellate cell").
         Cached and shared: do not modify it in place.
     """
     with _data_path(LABELS_FILE).open("r", encoding="utf-8") as fh:

@@ -233,7 +233,12 @@ class AtlasRuntime:
         h = self.hierarchy
         n_cand = len(self.candidates)
         # seen[c]: some reference label is the candidate or above it; own[c]: is the candidate.
-        self.knn_map = h.member[:, self.ref_node].T.astype(np.float32)  # [ref labels, candidates]
+        # A reference label that is itself a candidate votes for itself alone, even where finer
+        # candidates sit below it (its cells are of that type, not of every type below it).
+        vote_map = h.member[:, self.ref_node].T.copy()  # [ref labels, candidates]
+        is_cand = self.ref_node < n_cand
+        vote_map[is_cand] = np.eye(n_cand, dtype=bool)[self.ref_node[is_cand]]
+        self.knn_map = vote_map.astype(np.float32)
         self.seen = self.knn_map.any(axis=0)
         self.own = np.zeros(n_cand, dtype=bool)
         self.own[[p for p in self.ref_node if p < n_cand]] = True

@@ -73,10 +73,11 @@ class Cases:
 def truth_options(truth: Sequence[str], candidates: list[str], foils: list[str], parents: dict[str, str]) -> np.ndarray:
     """``[n, n_cand + n_foil + 1]`` bool: the options that are right for each truth label.
 
-    A truth is right for every candidate at or below it (a coarse truth such as "T cell"
-    accepts every kind of T cell); else for the deepest candidate above it (a finer truth than
-    the atlas resolves); else for a foil at or below it; else "novel". ``None`` truths get no
-    right option (the case is left out).
+    A truth that is a candidate is right for that candidate alone (a "Fibroblast" is not
+    thereby a pancreatic stellate cell); other truths are right for every candidate at or
+    below them (a coarse truth such as "T cell" accepts every kind of T cell); else for the
+    deepest candidate above it (a finer truth than the atlas resolves); else for a foil at or
+    below it; else "novel". ``None`` truths get no right option (the case is left out).
     """
     lineage = {c: [c, *parent_chain(c, parents)] for c in candidates + foils}
     n_c, n_f = len(candidates), len(foils)
@@ -88,7 +89,8 @@ def truth_options(truth: Sequence[str], candidates: list[str], foils: list[str],
         if t not in cache:
             row = np.zeros(n_c + n_f + 1, dtype=bool)
             if t != NOVEL:
-                below = [j for j, c in enumerate(candidates) if t in lineage[c]]
+                below = [candidates.index(t)] if t in lineage and t in candidates else [
+                    j for j, c in enumerate(candidates) if t in lineage[c]]
                 if below:
                     row[below] = True
                 else:
