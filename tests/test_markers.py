@@ -256,6 +256,10 @@ def test_label_table_and_marker_table_are_consistent():
     assert labels.index.is_unique and set(labels.columns) >= {"ontology_id", "parent", "lineage", "tissue", "description"}
     assert set(labels["lineage"]) <= LINEAGES and set(labels["lineage"]) == LINEAGES
     assert set(labels["parent"]) - {""} <= set(labels.index)
+    assert set(labels["kind"]) == {"group", "type"}
+    groups = set(labels.index[labels["kind"] == "group"])
+    assert groups <= set(labels["parent"])  # a group is made up of its children: it has some
+    assert set(labels["parent"]) - {""} - groups == {"Fibroblast"}  # the one type with a type below it
     assert set(curated) == set(labels.index)
     for lab, s in curated.items():
         assert len(s["positive"]) >= 3, lab
