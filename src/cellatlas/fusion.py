@@ -273,7 +273,7 @@ class Hierarchy:
         self.depth = self.above.sum(axis=1) - 1
         self._member_f = self.member.astype(np.float32)
         # Candidates with candidates below them: where the cell's own probability of such a
-        # candidate exceeds every child's mass, the branch ends there.
+        # candidate is at least every child's mass, the branch ends there (calls.path).
         has_child = np.zeros(len(self.nodes), dtype=bool)
         has_child[self.parent[self.parent >= 0]] = True
         self.inner_candidates = np.nonzero(has_child[: self.n_cand])[0]

@@ -80,6 +80,7 @@ def truth_options(truth: Sequence[str], candidates: list[str], foils: list[str],
     below it; else "novel". ``None`` truths get no right option (the case is left out).
     """
     lineage = {c: [c, *parent_chain(c, parents)] for c in candidates + foils}
+    position = {c: j for j, c in enumerate(candidates)}
     n_c, n_f = len(candidates), len(foils)
     cache: dict[str, np.ndarray] = {}
     out = np.zeros((len(truth), n_c + n_f + 1), dtype=bool)
@@ -89,8 +90,7 @@ def truth_options(truth: Sequence[str], candidates: list[str], foils: list[str],
         if t not in cache:
             row = np.zeros(n_c + n_f + 1, dtype=bool)
             if t != NOVEL:
-                below = [candidates.index(t)] if t in lineage and t in candidates else [
-                    j for j, c in enumerate(candidates) if t in lineage[c]]
+                below = [position[t]] if t in position else [j for j, c in enumerate(candidates) if t in lineage[c]]
                 if below:
                     row[below] = True
                 else:
