@@ -241,7 +241,7 @@ class AtlasRuntime:
         self.knn_map = vote_map.astype(np.float32)
         self.seen = self.knn_map.any(axis=0)
         self.own = np.zeros(n_cand, dtype=bool)
-        self.own[[p for p in self.ref_node if p < n_cand]] = True
+        self.own[self.ref_node[is_cand]] = True
         # Marker evidence is read on every stored gene the query has, ranked within that
         # universe for the query and the reference alike, in the query's column order.
         ref_pos = {g: i for i, g in enumerate(atlas.ref_genes)}
